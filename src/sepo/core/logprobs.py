@@ -1,0 +1,120 @@
+"""Per-token log-probabilities of response tokens, computed only where they are needed.
+
+The label-shift convention (written down once, tested against a brute-force loop):
+
+    A sequence is ``prompt (P tokens) + response (R tokens)``. The log-prob of response token ``i``
+    (0-based, i = 0 is the FIRST response token) is read from the logits at sequence position
+    ``P + i - 1`` -- the position *before* the token -- and ``logp_i = log_softmax(logits[P + i - 1])[y_i]``.
+
+So the first response token is scored from the last prompt position, and the EOS that ends the response
+is scored too. (The paper's released code slices ``logits[:, :-1]`` against ``labels[:, 1:]`` and then
+masks with the response mask shifted the wrong way, silently dropping the first response token.)
+
+The "selective head": gather the hidden states at just those positions (and, for SePO, only at the
+selected tokens), project them through the LM head in chunks and log-softmax in fp32. Logits memory is
+then ``chunk_size x vocab`` instead of ``batch x length x vocab``. With autograd on, each chunk is
+recomputed in the backward pass (activation checkpointing), so the saved state is the hidden rows only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # (M, H) -> (M, V) logits
+
+
+def response_positions(prompt_lengths: torch.Tensor, num_response_slots: int) -> torch.Tensor:
+    """Positions whose logits predict each response token: ``P - 1 + i``.  (N,) -> (N, R)"""
+    offsets = torch.arange(num_response_slots, device=prompt_lengths.device)
+    return prompt_lengths[:, None] - 1 + offsets[None, :]  # (N, R)
+
+
+def gather_hidden(hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states at ``positions[mask]``.  hidden (N, T, H), positions/mask (N, R) -> (M, H), M = mask.sum()"""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)  # (N, R)
+    return hidden[rows[mask], positions[mask]]  # (M, H)
+
+
+def _chunk_logps(head: Head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (c, V) in fp32: log-softmax over 50k+ classes in bf16 loses ~2 digits
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (c,)
+
+
+def rows_log_probs(head: Head, hidden_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(target | row) for flat rows.  hidden_rows (M, H), targets (M,) -> (M,) fp32"""
+    if hidden_rows.shape[0] == 0:
+        return hidden_rows.new_zeros(0, dtype=torch.float32)
+    out = []
+    grad = torch.is_grad_enabled() and hidden_rows.requires_grad
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        h, t = hidden_rows[start : start + chunk_size], targets[start : start + chunk_size]
+        out.append(checkpoint(_chunk_logps, head, h, t, use_reentrant=False) if grad else _chunk_logps(head, h, t))
+    return torch.cat(out)
+
+
+def selective_log_probs(
+    hidden: torch.Tensor,
+    head: Head,
+    prompt_lengths: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Log-probs of response tokens where ``mask`` is True; 0 elsewhere.
+
+    hidden (N, T, H) final hidden states of prompt+response sequences; prompt_lengths (N,);
+    response_ids, mask (N, R). Returns (N, R) float32.
+    """
+    positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
+    rows = gather_hidden(hidden, positions, mask)  # (M, H)
+    logps = rows_log_probs(head, rows, response_ids[mask], chunk_size)  # (M,)
+    out = torch.zeros(response_ids.shape, dtype=torch.float32, device=hidden.device)
+    return out.masked_scatter(mask, logps)  # (N, R)
+
+
+def full_logits_log_probs(
+    logits: torch.Tensor, prompt_lengths: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The same quantity from materialised full logits (N, T, V): the plain way, used as a fallback
+    (e.g. under FSDP, where sub-modules cannot be called on their own) and as the benchmark baseline."""
+    positions = response_positions(prompt_lengths, response_ids.shape[1]).clamp(0, logits.shape[1] - 1)  # (N, R)
+    picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))  # (N, R, V)
+    logps = torch.log_softmax(picked.float(), dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)  # (N, R)
+    return logps.masked_fill(~mask, 0.0)
+
+
+def _chunk_logps_and_kl(head: Head, ref_head: Head, h: torch.Tensor, ref_h: torch.Tensor, targets: torch.Tensor):
+    logp = torch.log_softmax(head(h).float(), dim=-1)  # (c, V)
+    ref_logp = torch.log_softmax(ref_head(ref_h).float(), dim=-1)  # (c, V)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (c,) KL(pi_ref || pi_theta) at this position
+    return logp.gather(-1, targets[:, None]).squeeze(-1), ref_logp.gather(-1, targets[:, None]).squeeze(-1), kl
+
+
+def selective_log_probs_and_kl(
+    hidden: torch.Tensor,
+    head: Head,
+    ref_hidden: torch.Tensor,
+    ref_head: Head,
+    prompt_lengths: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy log-probs, reference log-probs and the per-token sequential KL ``KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t))``
+    (TDPO needs the reference's full distribution at every response position). Each (N, R) fp32, 0 off-mask."""
+    positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
+    rows, ref_rows = gather_hidden(hidden, positions, mask), gather_hidden(ref_hidden, positions, mask)  # (M, H)
+    targets = response_ids[mask]  # (M,)
+    grad = torch.is_grad_enabled() and rows.requires_grad
+    parts = []
+    for s in range(0, rows.shape[0], chunk_size):
+        args = (head, ref_head, rows[s : s + chunk_size], ref_rows[s : s + chunk_size], targets[s : s + chunk_size])
+        parts.append(checkpoint(_chunk_logps_and_kl, *args, use_reentrant=False) if grad else _chunk_logps_and_kl(*args))
+    outs = []
+    for k in range(3):
+        flat = torch.cat([p[k] for p in parts]) if parts else rows.new_zeros(0, dtype=torch.float32)
+        outs.append(torch.zeros(response_ids.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, flat))
+    return outs[0], outs[1], outs[2]

@@ -1,0 +1,106 @@
+"""Atomic hand-offs between stages: every output folder is written under a temporary name and renamed.
+
+A stage's output folder holds a `datasets` Arrow dataset (``save_to_disk``) plus ``sepo_metadata.json``
+saying which models, tokenizer and settings made it. A crash never leaves a half-written folder under the
+final name, so "the folder exists" means "the stage finished".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sepo.errors import SepoError
+
+METADATA_FILE = "sepo_metadata.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path``, on any exception it is removed."""
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise SepoError(f"{final} already exists; choose another output folder or pass overwrite=true")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_metadata(folder: str | os.PathLike, metadata: dict) -> None:
+    atomic_write_json(Path(folder) / METADATA_FILE, metadata)
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise SepoError(f"{folder} has no {METADATA_FILE}: it was not written by a sepo stage (or the stage did not finish)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SepoError(f"{path} is not valid JSON ({e}); delete the folder and rerun the stage that wrote it") from None
+
+
+def save_dataset(dataset, folder: str | os.PathLike, metadata: dict, *, overwrite: bool = False) -> Path:
+    """Save a `datasets.Dataset` plus its metadata JSON atomically."""
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        dataset.save_to_disk(str(tmp))
+        write_metadata(tmp, metadata)
+    return Path(folder)
+
+
+def load_dataset_dir(folder: str | os.PathLike, required_columns: Iterable[str] = (), *, produced_by: str = "") -> tuple[Any, dict]:
+    """Load a stage's output folder; a missing column names the stage that adds it."""
+    import datasets
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SepoError(f"{folder} does not exist or is not a folder")
+    metadata = read_metadata(folder)
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:  # datasets raises several types for a broken folder
+        raise SepoError(f"{folder} is not a readable datasets folder ({type(e).__name__}: {e})") from None
+    missing = [c for c in required_columns if c not in ds.column_names]
+    if missing:
+        by = f"; it is made by `{produced_by}`" if produced_by else ""
+        raise SepoError(f"{folder} lacks column(s) {', '.join(missing)}{by}")
+    return ds, metadata
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (used to key caches)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

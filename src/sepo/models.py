@@ -1,0 +1,228 @@
+"""Loading policy / reference / oracle models and tokenizers, and the one forward every stage uses.
+
+Models load from a hub id or a local folder exactly as ``AutoModelForCausalLM.from_pretrained`` would.
+Special-token ids always come from the tokenizer; a tokenizer with no pad token gets one assigned
+explicitly, with a warning.
+
+``response_log_probs`` is the single place a model is run on a PairBatch. It runs the model's *own*
+forward (so DDP / DeepSpeed hooks fire) with ``logits_to_keep=1`` and ``output_hidden_states=True``, then
+projects only the needed positions through the LM head (``sepo.core.logprobs``). Where that is not
+possible -- FSDP, whose sharded LM head cannot be called outside the root forward, or an architecture whose
+last hidden state is not what the head consumes -- it falls back to materialising full logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sepo.core.logprobs import full_logits_log_probs, selective_log_probs, selective_log_probs_and_kl
+from sepo.errors import SepoError
+
+log = logging.getLogger(__name__)
+
+STORIES260K = Path(__file__).parent / "assets" / "stories260K"
+"""The real pretrained 260K-parameter TinyStories Llama shipped with the package (MIT, see its SOURCE.md)."""
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``stories260k`` is an alias for the bundled model; anything else is a hub id or a local path."""
+    return str(STORIES260K) if name_or_path.lower() in ("stories260k", "sepo:stories260k") else name_or_path
+
+
+def resolve_dtype(name: str):
+    if name not in DTYPES:
+        raise SepoError(f"unknown dtype '{name}'; choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype in (torch.bfloat16, torch.float16) and not torch.cuda.is_available():
+        log.warning("dtype %s requested without a GPU; CPU kernels for it are slow", name)
+    return dtype
+
+
+def _load_error(kind: str, name: str, err: Exception) -> SepoError:
+    local = Path(name).exists()
+    hint = ("the folder exists but is not a complete Hugging Face checkpoint (config.json, weights, tokenizer files)"
+            if local else "not a local folder; as a hub id it could not be fetched (offline? set HF_HOME or pass a local path)")
+    return SepoError(f"could not load {kind} '{name}': {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:300]})")
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    name_or_path = resolve_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
+        raise _load_error("tokenizer", name_or_path, e) from None
+    tok.padding_side = padding_side
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token one, loudly. Pad positions are always masked out, so reusing
+    EOS (or UNK) is safe; the assignment is recorded in every dataset's metadata."""
+    if tokenizer.pad_token_id is None:
+        fallback = "eos_token" if tokenizer.eos_token is not None else "unk_token"
+        token = getattr(tokenizer, fallback)
+        if token is None:
+            raise SepoError("the tokenizer has neither a pad, an EOS nor an UNK token; add a pad token to it first")
+        warnings.warn(f"tokenizer has no pad token; using its {fallback} {token!r} (id "
+                      f"{tokenizer.convert_tokens_to_ids(token)}) for padding", stacklevel=2)
+        tokenizer.pad_token = token
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary (token -> id) and special tokens: equal fingerprints = interchangeable ids."""
+    from sepo.io import fingerprint
+
+    return fingerprint(sorted(tokenizer.get_vocab().items()), tokenizer.eos_token_id, tokenizer.bos_token_id)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+    lora: LoraSettings | None = None,
+    trainable: bool = True,
+):
+    """Load a causal LM (optionally wrapped with LoRA). ``trainable=False`` freezes it and sets eval mode."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    name_or_path = resolve_path(name_or_path)
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    dtype_value = resolve_dtype(dtype)
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype_value
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as e:
+        raise _load_error("model", name_or_path, e) from None
+    if gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None and trainable:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora.target_modules
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+            target_modules=targets[0] if targets == ["all-linear"] else targets))
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def unwrap(model):
+    """The transformers model inside DDP / DeepSpeed / PEFT wrappers."""
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "config"):
+        m = m.module
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m
+
+
+def output_head(model):
+    """The function from final hidden states to logits, including logit scaling / soft-capping where an
+    architecture has them (Cohere's ``logit_scale``, Gemma-2's ``final_logit_softcapping``)."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    cfg = inner.config
+    scale = getattr(cfg, "logit_scale", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if not scale and not cap:
+        return head
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h)
+        if scale:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply
+
+
+_HEAD_OK: dict[int, bool] = {}
+
+
+def selective_head_supported(model) -> bool:
+    """Check once per model that head(hidden_states[-1]) reproduces the model's own logits."""
+    key = id(unwrap(model))
+    if key not in _HEAD_OK:
+        inner = unwrap(model)
+        ids = torch.arange(3, 11, device=inner.device)[None] % inner.config.vocab_size  # (1, 8)
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            ok = out.hidden_states is not None and torch.allclose(
+                output_head(model)(out.hidden_states[-1]).float(), out.logits.float(), atol=1e-3, rtol=1e-3)
+        if not ok:
+            log.warning("%s: hidden_states[-1] does not reproduce the logits; using full logits (more memory)",
+                        type(inner).__name__)
+        _HEAD_OK[key] = bool(ok)
+    return _HEAD_OK[key]
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) -> (N, T, H) through the model's own forward, with logits for one position only."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_size: int = 1024,
+                       full_logits: bool = False) -> torch.Tensor:
+    """Per-token log-probs (N, R) fp32 of ``batch.response_ids`` where ``mask`` (default: every response
+    token) is True, 0 elsewhere. ``full_logits=True`` forces the plain path (FSDP)."""
+    mask = batch.response_mask if mask is None else mask & batch.response_mask
+    if full_logits or not selective_head_supported(model):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return full_logits_log_probs(logits, batch.prompt_lengths, batch.response_ids, mask)
+    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)  # (N, T, H)
+    return selective_log_probs(hidden, output_head(model), batch.prompt_lengths, batch.response_ids, mask, chunk_size)
+
+
+def response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int = 512):
+    """Policy log-probs, reference log-probs and per-token KL(pi_ref || pi_theta), each (N, R) fp32 (TDPO)."""
+    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    with torch.no_grad():
+        ref_hidden = final_hidden_states(ref_model, batch.input_ids, batch.attention_mask)
+    return selective_log_probs_and_kl(hidden, output_head(model), ref_hidden, output_head(ref_model),
+                                      batch.prompt_lengths, batch.response_ids, batch.response_mask, chunk_size)
+
+
+def check_same_vocabulary(tok_a, tok_b, name_a: str, name_b: str) -> None:
+    """Refuse two tokenizers whose ids do not mean the same tokens."""
+    if tokenizer_fingerprint(tok_a) != tokenizer_fingerprint(tok_b):
+        raise SepoError(
+            f"{name_a} and {name_b} have different vocabularies ({len(tok_a)} vs {len(tok_b)} tokens); token-level "
+            "rewards need one tokenizer. Score with an oracle/reference pair that shares a tokenizer, and use "
+            "`sepo select --policy-tokenizer` to carry the rewards over to a policy with another tokenizer.")
