@@ -299,7 +299,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         inner, _ = _strip_optional(f.type)
         kw: dict[str, Any] = {"dest": "flag:" + key, "default": argparse.SUPPRESS, "help": _describe(f)}
         if inner is bool:
-            kw.update(nargs="?", const="true", metavar="BOOL")
+            kw["action"] = argparse.BooleanOptionalAction  # --flag / --no-flag
         else:
             kw["metavar"] = flag_name.upper()
         parser.add_argument("--" + flag_name.replace("_", "-"), **kw)
