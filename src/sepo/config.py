@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -317,15 +318,13 @@ def parse_cli(cls: type[T], argv: list[str], prog: str, description: str = "") -
     free = []
     for arg in ns.args:
         key = arg.split("=", 1)[0]
-        if "=" in arg and key.split(".")[0] in fields:
-            overrides[key] = arg.split("=", 1)[1]
+        if "=" in arg and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", key):
+            overrides[key] = arg.split("=", 1)[1]  # unknown keys are rejected by load() with a suggestion
         elif config_path is None and arg.endswith((".yaml", ".yml")) and "config" not in fields:
             config_path = arg
         else:
             free.append(arg)
     if len(free) > len(positional):
-        if "=" in free[len(positional)]:
-            raise _unknown(free[len(positional)].split("=", 1)[0], list(fields), " (command line)")
         parser.error(f"unexpected argument(s): {' '.join(free[len(positional):])}")
     for name, value in zip(positional, free):
         overrides[name] = value
