@@ -219,6 +219,18 @@ def apply_override(data: dict, key: str, value: Any, cls: type) -> None:
             node[part] = value
             return
         inner, _ = _strip_optional(fields[part].type)
+        if typing.get_origin(inner) is dict or inner is dict:
+            # a free-form mapping field (e.g. PipelineConfig.train): the rest of the key is nested mapping keys
+            for sub in parts[i + 1 : -1]:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key '{key}': '{part}' must be a mapping")
+                part = sub
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{part}' must be a mapping")
+            node[parts[-1]] = value
+            return
         if not _is_config(inner):
             raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is not a section; cannot set '{key}'")
         node = node.setdefault(part, {})

@@ -1,0 +1,284 @@
+"""Preference-optimisation losses as pure functions over per-token log-probs.
+
+Every loss takes the same first four arguments, all ``(B, R)`` over the response-token grid of
+``sepo.data.collate.PairBatch`` (B pairs, R response slots, right-padded):
+
+    chosen_logps, rejected_logps      log pi_theta(y_t | x, y_<t) per token, fp32 (0 where not computed)
+    chosen_weights, rejected_weights  per-token weight: 1 = the token counts, 0 = padding or not selected
+
+so ``log pi(y|x)`` is ``sum_t w_t * logp_t`` and any loss can run on a SePO selection by passing the
+selection as the weights. Losses that compare with a reference also take ``ref_chosen_logps`` /
+``ref_rejected_logps`` (B, R) (the cached reference log-probs); ``tdpo`` also takes the per-token
+sequential KL. Hyper-parameters are keyword-only with the source paper's defaults.
+
+Each returns a :class:`LossOutput`: per-pair ``losses`` (B,), the implicit ``chosen_rewards`` and
+``rejected_rewards`` (B,, detached), and from them ``accuracies`` and ``margins``.
+
+``LOSSES`` maps a name to its function; ``NEEDS_REFERENCE`` (cached reference log-probs) and
+``NEEDS_REFERENCE_MODEL`` (the reference's full distribution, kept in memory) say what a loss consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sepo.errors import SepoError
+
+__all__ = ["LOSSES", "NEEDS_REFERENCE", "NEEDS_REFERENCE_MODEL", "LossOutput", "sequence_logps"]
+
+
+@dataclass
+class LossOutput:
+    losses: torch.Tensor  # (B,) per-pair loss; the training objective is losses.mean()
+    chosen_rewards: torch.Tensor  # (B,) implicit reward of the chosen response (detached)
+    rejected_rewards: torch.Tensor  # (B,) implicit reward of the rejected response (detached)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses.mean()
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards  # (B,)
+
+    @property
+    def accuracies(self) -> torch.Tensor:
+        return (self.chosen_rewards > self.rejected_rewards).float()  # (B,)
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means as plain floats, for logging."""
+        return {
+            "loss": float(self.loss.detach()),
+            "rewards/chosen": float(self.chosen_rewards.mean()),
+            "rewards/rejected": float(self.rejected_rewards.mean()),
+            "rewards/accuracy": float(self.accuracies.mean()),
+            "rewards/margin": float(self.margins.mean()),
+        }
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def sequence_logps(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log pi(y|x) = sum_t w_t * log pi(y_t | x, y_<t).  (B, R), (B, R) -> (B,)"""
+    return (logps * weights).sum(-1)
+
+
+def _mean_logps(logps: torch.Tensor, weights: torch.Tensor, side: str) -> torch.Tensor:
+    """Weighted mean log-prob per response; a response with no counted token is an error.  -> (B,)"""
+    counts = weights.sum(-1)  # (B,)
+    if bool((counts <= 0).any()):
+        row = int((counts <= 0).nonzero()[0])
+        raise SepoError(f"pair {row} of the batch has no {side} token to average over (an empty selection); "
+                        "every response needs at least one selected token")
+    return sequence_logps(logps, weights) / counts
+
+
+def _require_reference(name: str, *refs) -> None:
+    if any(r is None for r in refs):
+        raise SepoError(f"loss '{name}' compares the policy with a reference model but got no reference log-probs; "
+                        "give a reference (train: `reference`, default the starting model) so they can be cached")
+
+
+def _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps, ref_rejected_logps):
+    """(pi_logratios - ref_logratios, policy_chosen - ref_chosen, policy_rejected - ref_rejected), each (B,)."""
+    policy_chosen = sequence_logps(chosen_logps, chosen_weights)  # (B,)
+    policy_rejected = sequence_logps(rejected_logps, rejected_weights)  # (B,)
+    ref_chosen = sequence_logps(ref_chosen_logps, chosen_weights)  # (B,)
+    ref_rejected = sequence_logps(ref_rejected_logps, rejected_weights)  # (B,)
+    pi_logratios = policy_chosen - policy_rejected
+    ref_logratios = ref_chosen - ref_rejected
+    return pi_logratios - ref_logratios, policy_chosen - ref_chosen, policy_rejected - ref_rejected
+
+
+# --------------------------------------------------------------------------- the losses
+
+
+def sft_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights) -> LossOutput:
+    """Supervised fine-tuning: token-mean negative log-likelihood of the chosen response.
+
+        L = - (1/|y_w|) sum_t log pi_theta(y_w,t | x, y_w,<t)
+
+    (the reference / SFT model of the DPO and SePO papers). ``rejected_logps`` may be None (training skips the
+    rejected half); when given, the rewards are the token-mean log-probs of both responses.
+    """
+    chosen_mean = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    if rejected_logps is None:
+        rejected_mean = torch.zeros_like(chosen_mean)
+    else:
+        rejected_mean = _mean_logps(rejected_logps, rejected_weights, "rejected")
+    return LossOutput(-chosen_mean, chosen_mean.detach(), rejected_mean.detach())
+
+
+def dpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
+             ref_rejected_logps=None, *, beta: float = 0.1, label_smoothing: float = 0.0) -> LossOutput:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), sigmoid form; ``label_smoothing`` eps > 0 gives conservative DPO (cDPO,
+    Mitchell 2023), which assumes a fraction eps of the labels is flipped:
+
+        h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))   # pi_logratios - ref_logratios
+        L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+        reward(y) = beta (log pi(y) - log pi_ref(y))
+    """
+    _require_reference("dpo", ref_chosen_logps, ref_rejected_logps)
+    h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
+                                                  ref_chosen_logps, ref_rejected_logps)  # (B,) each
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def ipo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
+             ref_rejected_logps=None, *, beta: float = 0.1) -> LossOutput:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    arXiv 2310.12036), with beta playing the role of the regulariser tau:
+
+        h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))
+        L = (h - 1 / (2 beta))^2
+        reward(y) = beta (log pi(y) - log pi_ref(y))
+    """
+    _require_reference("ipo", ref_chosen_logps, ref_rejected_logps)
+    h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
+                                                  ref_chosen_logps, ref_rejected_logps)
+    losses = (h - 1 / (2 * beta)) ** 2
+    return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def rdpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
+              ref_rejected_logps=None, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409): an unbiased loss under a label-flip
+    rate eps = ``label_smoothing`` (< 0.5):
+
+        h as in DPO
+        L = [ -(1 - eps) log sigma(beta h) + eps log sigma(-beta h) ] / (1 - 2 eps)
+    """
+    _require_reference("rdpo", ref_chosen_logps, ref_rejected_logps)
+    if not 0 <= label_smoothing < 0.5:
+        raise SepoError(f"rdpo needs 0 <= label_smoothing < 0.5 (the label-flip rate), got {label_smoothing}")
+    h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
+                                                  ref_chosen_logps, ref_rejected_logps)
+    losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)) / (
+        1 - 2 * label_smoothing)
+    return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def rpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
+             ref_rejected_logps=None, *, beta: float = 0.1, alpha: float = 1.0) -> LossOutput:
+    """RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+    arXiv 2404.19733): DPO plus alpha times the
+    token-mean NLL of the chosen response:
+
+        L = -log sigma(beta h) - alpha (1/|y_w|) log pi(y_w)
+    """
+    _require_reference("rpo", ref_chosen_logps, ref_rejected_logps)
+    h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
+                                                  ref_chosen_logps, ref_rejected_logps)
+    nll = -_mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    losses = -F.logsigmoid(beta * h) + alpha * nll
+    return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def simpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *, beta: float = 2.0,
+               gamma: float = 0.5, label_smoothing: float = 0.0) -> LossOutput:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free, length-normalised, with a target reward margin gamma:
+
+        reward(y) = (beta / |y|) log pi(y)
+        L = -log sigma(reward(y_w) - reward(y_l) - gamma)      (label_smoothing eps mixes in the flipped label)
+    """
+    chosen_rewards = beta * _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    rejected_rewards = beta * _mean_logps(rejected_logps, rejected_weights, "rejected")  # (B,)
+    logits = chosen_rewards - rejected_rewards - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+def rrhf_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *, alpha: float = 1.0) -> LossOutput:
+    """RRHF (Yuan et al. 2023, arXiv 2304.05302) for a pair: a hinge ranking loss on length-normalised log-probs plus
+    alpha times the fine-tuning loss on the better response (token-mean NLL, as in the authors' code):
+
+        p(y) = (1/|y|) log pi(y)
+        L = max(0, p(y_l) - p(y_w)) - alpha p(y_w)
+    """
+    p_chosen = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    p_rejected = _mean_logps(rejected_logps, rejected_weights, "rejected")  # (B,)
+    losses = torch.relu(p_rejected - p_chosen) - alpha * p_chosen
+    return LossOutput(losses, p_chosen.detach(), p_rejected.detach())
+
+
+def tdpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
+              ref_rejected_logps=None, *, chosen_kl: torch.Tensor, rejected_kl: torch.Tensor, beta: float = 0.1,
+              alpha: float = 0.5, variant: int = 2) -> LossOutput:
+    """TDPO (Zeng et al. 2024, "Token-level Direct Preference Optimization",
+    arXiv 2404.11999). With the
+    sequential KL D(y) = sum_t w_t KL(pi_ref(. | x, y_<t) || pi_theta(. | x, y_<t)) (``chosen_kl`` /
+    ``rejected_kl`` are the per-token terms, (B, R)):
+
+        u = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
+        TDPO1:  L = -log sigma(beta (u - (D(y_l) - D(y_w))))
+        TDPO2:  L = -log sigma(beta (u - alpha (D(y_l) - sg[D(y_w)])))          (sg = stop-gradient)
+    """
+    _require_reference("tdpo", ref_chosen_logps, ref_rejected_logps)
+    if variant not in (1, 2):
+        raise SepoError(f"tdpo variant must be 1 or 2, got {variant}")
+    u, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
+                                                  ref_chosen_logps, ref_rejected_logps)  # (B,)
+    kl_chosen = sequence_logps(chosen_kl, chosen_weights)  # (B,)
+    kl_rejected = sequence_logps(rejected_kl, rejected_weights)  # (B,)
+    if variant == 1:
+        logits = u - (kl_rejected - kl_chosen)
+    else:
+        logits = u - alpha * (kl_rejected - kl_chosen.detach())
+    losses = -F.logsigmoid(beta * logits)
+    return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def sepo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *, gamma: float = 1.0,
+              normalize: str = "selected", chosen_lengths: torch.Tensor | None = None,
+              rejected_lengths: torch.Tensor | None = None) -> LossOutput:
+    """SePO (Yang et al. 2024, "Selective Preference Optimization via Token-Level Reward Function Estimation",
+    arXiv 2408.13518): reference-free, on the selected tokens S_w, S_l only (the weights are the selection):
+
+        reward(y) = gamma * (1/|S|) sum_{t in S} log pi(y_t | x, y_<t)
+        L = -log sigma(reward(y_w) - reward(y_l))
+
+    ``normalize="selected"`` divides by the number of selected tokens |S|; ``"length"`` by the full response
+    length (``chosen_lengths`` / ``rejected_lengths``, (B,)).
+    """
+    if normalize == "selected":
+        chosen_mean = _mean_logps(chosen_logps, chosen_weights, "selected chosen")  # (B,)
+        rejected_mean = _mean_logps(rejected_logps, rejected_weights, "selected rejected")  # (B,)
+    elif normalize == "length":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise SepoError("sepo normalize='length' needs chosen_lengths and rejected_lengths")
+        _mean_logps(chosen_logps, chosen_weights, "selected chosen")  # an empty selection is still an error
+        _mean_logps(rejected_logps, rejected_weights, "selected rejected")
+        chosen_mean = sequence_logps(chosen_logps, chosen_weights) / chosen_lengths.clamp(min=1)
+        rejected_mean = sequence_logps(rejected_logps, rejected_weights) / rejected_lengths.clamp(min=1)
+    else:
+        raise SepoError(f"sepo normalize must be 'selected' or 'length', got {normalize!r}")
+    chosen_rewards, rejected_rewards = gamma * chosen_mean, gamma * rejected_mean
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+LOSSES = {
+    "sft": sft_loss,
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "rdpo": rdpo_loss,
+    "rpo": rpo_loss,
+    "simpo": simpo_loss,
+    "rrhf": rrhf_loss,
+    "tdpo": tdpo_loss,
+    "sepo": sepo_loss,
+}
+NEEDS_REFERENCE = ("dpo", "ipo", "rdpo", "rpo", "tdpo")  # take ref_chosen_logps / ref_rejected_logps
+NEEDS_REFERENCE_MODEL = ("tdpo",)  # the reference's full distribution at every position: kept in memory
+
+
+def get_loss(name: str):
+    """The loss function called ``name``; an unknown name lists the known ones."""
+    if name not in LOSSES:
+        raise SepoError(f"unknown loss '{name}'; known losses: {', '.join(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,141 @@
+"""`sepo data inspect` / `sepo data prepare` through sepo.cli.main, and load_pairs on what prepare writes."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from sepo import __version__
+from sepo.cli import main
+from sepo.data import DataOptions, load_pairs
+from sepo.errors import SepoError
+from sepo.io import METADATA_FILE, load_dataset_dir, save_dataset
+from sepo.models import tokenizer_fingerprint
+from sepo.testing import build_tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " I don't know.", "id": i}
+        for i in range(6)]
+
+
+def test_inspect_bad_file_prints_one_message_and_exits_2(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], {"prompt": "p", "chosen": 3, "rejected": "r"}])
+    assert main(["data", "inspect", path]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert captured.err.startswith(f"sepo data inspect: error: {path}, row 2, field 'chosen': must be a string")
+    assert "--on-invalid skip" in captured.err
+    assert main(["data", "inspect", path, "--on-invalid", "skip"]) == 0
+    assert "rows: 2 read, 1 kept; dropped: not_a_string 1" in capsys.readouterr().out
+
+
+def test_inspect_without_tokenizer_shows_text_statistics(pandalm_path, capsys):
+    assert main(["data", "inspect", str(pandalm_path)]) == 0
+    out = capsys.readouterr().out
+    assert "format: pandalm" in out and "rows: 999 read, 894 kept; dropped: tie 105" in out
+    assert "characters" in out and "p50" in out and "p99" in out and "tokens" not in out
+    assert out.count("⟦|⟧") >= 4  # two examples, chosen and rejected, boundary marked
+
+
+def test_inspect_with_tokenizer_shows_token_lengths_and_truncation(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*GOOD, {"prompt": "Tell me a long story. " * 4,
+                                                          "chosen": " Once upon a time." * 30, "rejected": " No."}])
+    report_code = main(["data", "inspect", path, "--tokenizer", "stories260k", "--max-length", "64",
+                        "--max-prompt-length", "32"])
+    out = capsys.readouterr().out
+    assert report_code == 0
+    assert "tokenizer: stories260k (chat template: none; max_length 64, max_prompt_length 32)" in out
+    assert "truncated: 1 prompts (from the left), 1 chosen and 0 rejected responses" in out
+    lengths = next(line for line in out.splitlines() if line.strip().startswith("prompt") and "tokens" not in line)
+    assert lengths.split()[-1] == "32"  # max prompt length after truncation
+    assert "prompt (" in out and "tokens) ⟦|⟧ chosen (" in out and "</s>" in out
+
+
+def test_prepare_writes_tokenized_pairs_and_metadata(llmbar_dir, gpt2_tokenizer_path, tmp_path, capsys):
+    out_dir = tmp_path / "pairs"
+    assert main(["data", "prepare", str(llmbar_dir), "--tokenizer", str(gpt2_tokenizer_path), "--output",
+                 str(out_dir)]) == 0
+    assert f"wrote {out_dir}" in capsys.readouterr().out
+    ds, meta = load_dataset_dir(out_dir, ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    tok = build_tokenizer(str(gpt2_tokenizer_path))
+    assert len(ds) == 419 and meta["num_rows"] == 419
+    assert meta["stage"] == "data prepare" and meta["sepo_version"] == __version__ and meta["format"] == "llmbar"
+    assert meta["tokenizer"] == str(gpt2_tokenizer_path) and meta["chat_template"] == "none"
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+    assert meta["counts"]["rows"] == 419 and meta["data_options"]["max_length"] == 1024
+    assert meta["source"] == str(llmbar_dir) and meta["config"]["output"] == str(out_dir)
+    row = ds[0]
+    assert row["prompt_input_ids"] == tok(row["prompt"])["input_ids"]
+    assert row["chosen_input_ids"][-1] == tok.eos_token_id
+
+    # load_pairs: the prepared folder as it is; another tokenizer is refused with what to do
+    again, again_meta = load_pairs(str(out_dir), tok, DataOptions())
+    assert list(again["chosen_input_ids"]) == list(ds["chosen_input_ids"]) and again_meta["format"] == "llmbar"
+    with pytest.raises(SepoError, match="not with this tokenizer.*Re-prepare it: sepo data prepare"):
+        load_pairs(str(out_dir), build_tokenizer("stories260k"), DataOptions())
+
+    # a later stage's folder (same columns plus more) keeps its extra columns
+    scored = ds.add_column("chosen_rewards", [[0.5] * len(ids) for ids in ds["chosen_input_ids"]])
+    save_dataset(scored, tmp_path / "scored", {**meta, "stage": "score"})
+    loaded, _ = load_pairs(str(tmp_path / "scored"), tok, DataOptions())
+    assert "chosen_rewards" in loaded.column_names
+
+    # an existing output is not replaced without --overwrite
+    assert main(["data", "prepare", str(llmbar_dir), "--tokenizer", "stories260k", "--output", str(out_dir)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_load_pairs_tokenizes_a_raw_source(tmp_path):
+    tok = build_tokenizer("gpt2", chat_template="chatml")
+    ds, meta = load_pairs(write_jsonl(tmp_path / "p.jsonl", GOOD), tok, DataOptions())
+    assert len(ds) == 6 and meta["chat_template"] == "tokenizer" and meta["format"] == "standard"
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok) and meta["counts"]["dropped"] == {}
+    assert tok.decode(ds[0]["prompt_input_ids"]) == "<|im_start|>user\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_failed_prepare_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    out_dir = tmp_path / "out"
+    assert main(["data", "prepare", bad, "--tokenizer", "stories260k", "--output", str(out_dir)]) == 2
+    assert "row 2, field 'rejected'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad.jsonl"]
+
+    # a crash while writing: the temporary folder is removed and the output never appears
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", crash)
+    good = write_jsonl(tmp_path / "good.jsonl", GOOD)
+    from sepo.stages.data import DataPrepareConfig, prepare
+
+    with pytest.raises(OSError, match="disk full"):
+        prepare(DataPrepareConfig(path=good, tokenizer="stories260k", output=str(out_dir)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl"]
+
+
+def test_prepare_requires_tokenizer_and_output(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", GOOD)
+    assert main(["data", "prepare", path, "--output", str(tmp_path / "o")]) == 2
+    assert "needs --tokenizer" in capsys.readouterr().err
+    assert main(["data", "prepare", path, "--tokenizer", "stories260k"]) == 2
+    assert "needs --output" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o" / METADATA_FILE).exists()
+
+
+def test_a_folder_without_fingerprint_loads_with_a_warning_and_inspects(tmp_path, caplog, capsys):
+    tok = build_tokenizer("gpt2")
+    ds, _ = load_pairs(write_jsonl(tmp_path / "p.jsonl", GOOD), tok, DataOptions())
+    save_dataset(ds, tmp_path / "old", {"stage": "data"})
+    with caplog.at_level("WARNING"):
+        loaded, meta = load_pairs(str(tmp_path / "old"), tok, DataOptions())
+    assert len(loaded) == 6 and meta == {"stage": "data"} and "no tokenizer_fingerprint" in caplog.text
+    # a prepared folder is also a source `inspect` can read (its token ids are recomputed)
+    assert main(["data", "inspect", str(tmp_path / "old"), "--tokenizer", "stories260k"]) == 0
+    assert "rows: 6 read, 6 kept" in capsys.readouterr().out

@@ -1,0 +1,102 @@
+"""`sepo inspect`: statistics and concentration on hand-made rewards, plots, and the HTML page in Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import datasets
+import pytest
+
+from sepo.cli import main
+from sepo.io import read_metadata, save_dataset
+from sepo.models import load_tokenizer, tokenizer_fingerprint
+from sepo.stages.inspect import token_texts
+
+TEXTS = [("Tom said", " <b>yes</b> & ok", " no way."), ("Lily ran.", " She won the race.", " She fell.")]
+
+
+@pytest.fixture(scope="module")
+def selected_dir(tmp_path_factory):
+    """Hand-made selected pairs (stories260K tokenizer). Row 0: chosen token 0 has r = 1, rejected token 0 has
+    r = -1, every other token 0 -> contributions [1, 0, ..., 1, 0, ...], difference 2, so 80% of it needs 2 of
+    the pair's tokens. Row 1: chosen all 0.5, rejected all 0 -> 80% needs ceil(0.8 * n_c) tokens of n_c + n_r."""
+    tok = load_tokenizer("stories260k")
+    cols = {k: [] for k in ("index", "prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids",
+                            "rejected_input_ids", "chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask")}
+    for i, (p, c, r) in enumerate(TEXTS):
+        cols["index"].append(i)
+        for name, text in (("prompt", p), ("chosen", c), ("rejected", r)):
+            cols[name].append(text)
+        cols["prompt_input_ids"].append(tok(p)["input_ids"])
+        for side, text in (("chosen", c), ("rejected", r)):
+            ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            cols[f"{side}_input_ids"].append(ids)
+            if i == 0:
+                rewards = [1.0 if side == "chosen" else -1.0] + [0.0] * (len(ids) - 1)
+            else:
+                rewards = [0.5 if side == "chosen" else 0.0] * len(ids)
+            cols[f"{side}_rewards"].append(rewards)
+            cols[f"{side}_mask"].append([j == 0 for j in range(len(ids))])
+    folder = tmp_path_factory.mktemp("inspect") / "selected"
+    save_dataset(datasets.Dataset.from_dict(cols), folder, {"stage": "select", "tokenizer": "stories260k",
+                                                           "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+    return folder, cols
+
+
+def test_inspect_summary_concentration_and_files(tmp_path, selected_dir):
+    folder, cols = selected_dir
+    assert main(["inspect", "--scores", str(folder), "--output", str(tmp_path / "report")]) == 0
+    report = tmp_path / "report"
+    for name in ("concentration.png", "reward_histograms.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_metadata(report)["stage"] == "inspect"
+    summary = json.loads((report / "summary.json").read_text())
+    n = [len(cols["chosen_input_ids"][i]) + len(cols["rejected_input_ids"][i]) for i in range(2)]
+    nc1 = len(cols["chosen_input_ids"][1])
+    shares = [2 / n[0], -(-8 * nc1 // 10) / n[1]]  # ceil(0.8 * n_c) of the second pair's tokens
+    assert summary["pairs"]["pairs_with_positive_margin"] == 2
+    assert summary["pairs"]["mean_token_share_for_level"] == pytest.approx(sum(shares) / 2, rel=1e-6)
+    assert summary["pairs"]["oracle_prefers_chosen"] == 1.0
+    assert summary["chosen"]["selected"]["count"] == 2 and summary["chosen"]["tokens"]["count"] == sum(
+        len(x) for x in cols["chosen_input_ids"])
+    assert summary["rejected"]["selected"]["mean"] == pytest.approx(-0.5)  # -1 (row 0) and 0 (row 1)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+        if path:
+            return path
+    return None
+
+
+def test_html_page_renders_tokens_in_headless_chromium(tmp_path, selected_dir):
+    folder, cols = selected_dir
+    assert main(["inspect", "--scores", str(folder), "--output", str(tmp_path / "report")]) == 0
+    page = tmp_path / "report" / "examples.html"
+    source = page.read_text()
+    assert "<b>yes" not in source and "&lt;" in source  # the token '<' is escaped, never markup
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium found (install Debian's `chromium` package to run this test)")
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
+             "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60)
+    dom = done.stdout
+    assert done.returncode == 0 and "<body>" in dom, done.stderr[-2000:]
+    assert dom.count("class=\"tok") == sum(source.count(f"class='tok{s}'") for s in ("", " sel"))
+    assert dom.count("class=\"tok sel\"") == 4  # one selected token per response
+    # every token's text, '<', 'b', '>' and '&' among them, rendered as text inside its span (not as markup)
+    tok = load_tokenizer("stories260k")
+    for side in ("chosen", "rejected"):
+        for ids in cols[f"{side}_input_ids"]:
+            for text in token_texts(tok, ids):
+                assert f">{html.escape(text, quote=False)}</span>" in dom, text
+    assert "&lt;" in dom and "&amp;" in dom and "<b>yes" not in dom

@@ -1,0 +1,71 @@
+"""Every configs/*.yaml parses into its stage's config exactly as its first line would run it (nothing runs).
+
+A pipeline config is also expanded into every stage's config (sft, oracle, score, select, each method's
+train, eval), so a misspelt key in any section fails here rather than an hour into a run."""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+from pathlib import Path
+
+import pytest
+
+from sepo.cli import COMMANDS
+from sepo.config import parse_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def command_of(path: Path) -> tuple[str, list[str]]:
+    """'# sepo pipeline configs/x.yaml k=v' -> ('pipeline', ['configs/x.yaml', 'k=v'])."""
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: the first line must be '# <the command that runs it>'"
+    words = shlex.split(first[2:])
+    if words[:2] == ["accelerate", "launch"]:
+        words = words[words.index("sepo"):] if "sepo" in words else words
+    assert words[0] == "sepo", f"{path.name}: the first line must start with '# sepo <command>'"
+    rest = words[1:]
+    name = " ".join(rest[:2]) if " ".join(rest[:2]) in COMMANDS else rest[0]
+    assert name in COMMANDS, f"{path.name}: unknown command {name!r}"
+    args = rest[len(name.split()):]
+    assert any(a.endswith(path.name) for a in args), f"{path.name}: the first line must name the file itself"
+    return name, args
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_file_is_valid(path, monkeypatch, tmp_path):
+    name, args = command_of(path)
+    module_name, config_name, _, _ = COMMANDS[name]
+    monkeypatch.chdir(ROOT)  # paths in the first line are relative to the repository root
+    cls = getattr(importlib.import_module(module_name), config_name)
+    cfg = parse_cli(cls, args, prog=f"sepo {name}")
+    if name == "pipeline":
+        from sepo.stages.pipeline import stage_configs
+
+        configs = stage_configs(cfg, tmp_path / "run")
+        assert {"oracle", "score", "select"} <= set(configs) and any(k.startswith("train:") for k in configs)
+    if name == "demo":
+        from sepo.stages.demo import pipeline_config
+
+        pipeline_config(cfg, tmp_path)
+
+
+def test_there_are_configs_for_the_paper_the_demo_and_hh_rlhf():
+    names = {p.name for p in CONFIGS}
+    assert {"pipeline_paper_gpu.yaml", "hh_rlhf_cpu.yaml", "demo.yaml", "demo_quick.yaml"} <= names
+
+
+def test_kit_reference_spec():
+    from sepo.errors import ConfigError
+    from sepo.stages.pipeline import PipelineConfig, parse_kit
+
+    assert parse_kit("kit:llama:small:gpt2") == {"arch": "llama", "preset": "small", "tokenizer": "gpt2", "seed": 0}
+    assert parse_kit("stories260k") is None
+    with pytest.raises(ConfigError, match="kit:ARCH:PRESET"):
+        PipelineConfig(data="x", reference="kit:llama:huge:gpt2")
+    with pytest.raises(ConfigError, match="pipeline order"):
+        PipelineConfig(data="x", stages=["score", "oracle"])
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        PipelineConfig(data="x", train={"model": "other"})
