@@ -104,3 +104,17 @@ def fingerprint(*parts: Any) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(ds, columns: Iterable[str]) -> str:
+    """Hash of the token-id list columns of every row, in order: results keyed by it (a resumed score run,
+    a reference log-prob cache) belong to exactly these rows."""
+    import pyarrow.compute as pc
+
+    h = hashlib.sha256(str(len(ds)).encode())
+    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+    for name in columns:
+        column = table.column(name)
+        h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+        h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()[:16]

@@ -21,7 +21,7 @@ import torch
 from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.data.options import DataOptions
-from sepo.errors import ConfigError, SepoError
+from sepo.errors import ConfigError, DataError, SepoError
 from sepo.evaluation import (
     alpacaeval_records,
     generate,
@@ -30,7 +30,7 @@ from sepo.evaluation import (
     preference_accuracy,
     win_rate,
 )
-from sepo.io import METADATA_FILE, atomic_dir, atomic_write_json, write_metadata
+from sepo.io import atomic_dir, atomic_write_json, write_metadata
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ("prompt", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -76,15 +76,14 @@ class EvalConfig:
 
 
 def load_eval_pairs(data: str, tokenizer, options: DataOptions):
-    """A sepo dataset folder as it is, anything else through the data layer."""
-    if (Path(data) / METADATA_FILE).is_file():
-        from sepo.io import load_dataset_dir
-
-        ds, _ = load_dataset_dir(data, PAIR_COLUMNS, produced_by="sepo data prepare")
-        return ds
+    """Tokenized pairs through the data layer: a sepo dataset folder as it is (its tokenizer checked against
+    ``tokenizer``), anything else read and tokenized now."""
     from sepo.data import load_pairs
 
     ds, _ = load_pairs(data, tokenizer, options)
+    if "prompt" not in ds.column_names:
+        raise DataError("no prompt text to generate from", file=data, field="prompt",
+                        hint="re-prepare the data with `sepo data prepare`, which keeps it")
     return ds
 
 

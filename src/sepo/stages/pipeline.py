@@ -35,7 +35,6 @@ from sepo.config import from_dict, option, to_dict
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
 from sepo.io import (
-    METADATA_FILE,
     atomic_write_json,
     atomic_write_text,
     fingerprint,
@@ -390,8 +389,7 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def _load_pairs(source: str, tokenizer, options: DataOptions):
-    if (Path(source) / METADATA_FILE).is_file():
-        return load_dataset_dir(source, ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))[0]
+    # a sepo folder as it is (tokenizer checked), anything else tokenized now
     from sepo.data import load_pairs
 
     return load_pairs(source, tokenizer, options)[0]

@@ -13,7 +13,6 @@ skips the finished shards. See docs/score.md.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -31,6 +30,7 @@ from sepo.errors import ConfigError, SepoError
 from sepo.io import (
     METADATA_FILE,
     atomic_write_json,
+    dataset_fingerprint,
     fingerprint,
     load_dataset_dir,
     read_metadata,
@@ -74,28 +74,6 @@ class ScoreConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def load_pairs_for_scoring(data: str, tokenizer, options: DataOptions):
-    """A sepo dataset folder as it is, anything else through the data layer. -> (Dataset, metadata)"""
-    if (Path(data) / METADATA_FILE).is_file():
-        return load_dataset_dir(data, PAIR_COLUMNS, produced_by="sepo data prepare")
-    from sepo.data import load_pairs  # the data layer: raw files, hub ids, prepared folders
-
-    return load_pairs(data, tokenizer, options)
-
-
-def content_fingerprint(ds) -> str:
-    """Hash of the token ids of every row: a resumed run must be scoring exactly the same data."""
-    import pyarrow.compute as pc
-
-    h = hashlib.sha256(str(len(ds)).encode())
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
-    for name in PAIR_COLUMNS:
-        column = table.column(name)
-        h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-        h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()[:16]
 
 
 def score_batch(oracle, reference, batch, beta: float, chunk_size: int) -> torch.Tensor:
@@ -199,7 +177,9 @@ def run(cfg: ScoreConfig):
 
     # ---- 2. data ----
     with accelerator.main_process_first():
-        pairs, data_metadata = load_pairs_for_scoring(cfg.data, tokenizer, cfg.data_options)
+        from sepo.data import load_pairs  # a sepo folder as it is, anything else read and tokenized now
+
+        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)
     made_with = (data_metadata or {}).get("tokenizer_fingerprint")
     if made_with and made_with != tokenizer_fingerprint(tokenizer):
         raise SepoError(f"{cfg.data} was tokenized with another tokenizer ({data_metadata.get('tokenizer')}) than the "
@@ -209,7 +189,7 @@ def run(cfg: ScoreConfig):
     # ---- 3. the work folder: one config, one partial run; finished shards are kept ----
     work = out.parent / f"{out.name}.partial"
     run_key = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "output")},
-                          content_fingerprint(pairs))
+                          dataset_fingerprint(pairs, PAIR_COLUMNS))
     if accelerator.is_main_process:
         if (work / "run.json").is_file():
             previous = read_metadata_json(work / "run.json")

@@ -32,7 +32,7 @@ from sepo.config import option, to_dict, validate_choices
 from sepo.core.losses import LOSSES, NEEDS_REFERENCE, NEEDS_REFERENCE_MODEL, LossOutput
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
-from sepo.io import fingerprint
+from sepo.io import dataset_fingerprint, fingerprint
 
 log = logging.getLogger(__name__)
 # config field -> loss keyword; None in the config = the loss's own default (see docs/losses.md)
@@ -273,7 +273,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         for name, part in (("train", pairs), ("eval", eval_pairs)):
             if part is None:
                 continue
-            key = fingerprint(tu.model_fingerprint(reference), tu.content_fingerprint(part), cfg.dtype)
+            key = fingerprint(tu.model_fingerprint(reference), dataset_fingerprint(part, tu.PAIR_COLUMNS), cfg.dtype)
             cache = tu.reference_cache_dir(cfg.data if name == "train" else (cfg.eval_data or cfg.data), cfg.output, key)
             with accelerator.main_process_first():
                 part = tu.attach_reference_logps(part, cache, lambda p=part: tu.compute_reference_logps(

@@ -5,7 +5,6 @@ Kept out of ``train.run`` so that function reads top to bottom; nothing here own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -100,19 +99,6 @@ def check_pairs(ds, source: str, *, needs_selection: bool) -> None:
                 raise DataError(f"no token of the {side} response is selected", file=source, row=_row_name(ds, bad),
                                 field=column, hint="select with a ratio that keeps at least one token per response "
                                 "(the ratio strategy always keeps one), or drop the row")
-
-
-def content_fingerprint(ds, columns=PAIR_COLUMNS) -> str:
-    """Hash of the token ids of every row, in order: the reference cache belongs to exactly these rows."""
-    import pyarrow.compute as pc
-
-    h = hashlib.sha256(str(len(ds)).encode())
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
-    for name in columns:
-        column = table.column(name)
-        h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-        h.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).tobytes())
-    return h.hexdigest()[:16]
 
 
 def model_fingerprint(name_or_path: str) -> str:
