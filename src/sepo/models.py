@@ -171,14 +171,12 @@ def output_head(model):
     return apply
 
 
-_HEAD_OK: dict[int, bool] = {}
-
-
 def selective_head_supported(model) -> bool:
-    """Check once per model that head(hidden_states[-1]) reproduces the model's own logits."""
-    key = id(unwrap(model))
-    if key not in _HEAD_OK:
-        inner = unwrap(model)
+    """Check once per model that head(hidden_states[-1]) reproduces the model's own logits. The answer is
+    kept on the model object itself (an id()-keyed cache could hand a freed model's answer to a new one)."""
+    inner = unwrap(model)
+    ok = getattr(inner, "_sepo_selective_head_ok", None)
+    if ok is None:
         ids = torch.arange(3, 11, device=inner.device)[None] % inner.config.vocab_size  # (1, 8)
         with torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -187,8 +185,9 @@ def selective_head_supported(model) -> bool:
         if not ok:
             log.warning("%s: hidden_states[-1] does not reproduce the logits; using full logits (more memory)",
                         type(inner).__name__)
-        _HEAD_OK[key] = bool(ok)
-    return _HEAD_OK[key]
+        ok = bool(ok)
+        inner._sepo_selective_head_ok = ok
+    return ok
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
