@@ -139,3 +139,40 @@ def test_a_folder_without_fingerprint_loads_with_a_warning_and_inspects(tmp_path
     # a prepared folder is also a source `inspect` can read (its token ids are recomputed)
     assert main(["data", "inspect", str(tmp_path / "old"), "--tokenizer", "stories260k"]) == 0
     assert "rows: 6 read, 6 kept" in capsys.readouterr().out
+
+
+def test_prepare_refuses_to_write_an_empty_dataset(tmp_path, capsys):
+    """Skipping every row used to write a 0-row folder that the next stage could not even load."""
+    path = write_jsonl(tmp_path / "p.jsonl", GOOD)
+    rc = main(["data", "prepare", path, "--tokenizer", "stories260k", "--output", str(tmp_path / "out"),
+               "--max-length", "4", "--on-invalid", "skip"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "no usable rows after tokenization (every row was invalid: prompt_too_long 6)" in err
+    assert "raise --max-length" in err and not (tmp_path / "out").exists()
+
+
+def test_preparing_a_scored_folder_again_drops_its_per_token_columns(tmp_path):
+    """Rewards and masks belong to the old ids: carried over as metadata they would no longer line up."""
+    tok = build_tokenizer("gpt2")
+    ds, meta = load_pairs(write_jsonl(tmp_path / "p.jsonl", GOOD), tok, DataOptions())
+    for side in ("chosen", "rejected"):
+        ds = ds.add_column(f"{side}_rewards", [[0.5] * len(ids) for ids in ds[f"{side}_input_ids"]])
+        ds = ds.add_column(f"{side}_mask", [[True] * len(ids) for ids in ds[f"{side}_input_ids"]])
+    save_dataset(ds, tmp_path / "scores", {**meta, "stage": "score"})
+    assert main(["data", "prepare", str(tmp_path / "scores"), "--tokenizer", "stories260k", "--output",
+                 str(tmp_path / "again")]) == 0
+    again, _ = load_dataset_dir(tmp_path / "again")
+    assert len(again) == len(GOOD) and "id" in again.column_names  # ordinary metadata columns are kept
+    assert not {"chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask"} & set(again.column_names)
+
+
+def test_prepare_records_a_local_tokenizer_as_an_absolute_path(tmp_path, monkeypatch, gpt2_tokenizer_path):
+    import shutil
+
+    shutil.copytree(gpt2_tokenizer_path, tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "prepare", write_jsonl(tmp_path / "p.jsonl", GOOD), "--tokenizer", "tok", "--output",
+                 "out"]) == 0
+    _, meta = load_dataset_dir(tmp_path / "out")
+    assert meta["tokenizer"] == str((tmp_path / "tok").resolve())

@@ -35,6 +35,8 @@ def test_quick_demo_results_schema(demo):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "precision" in table
+    # the header names the k asked for and the share actually selected (per-response flooring lowers it)
+    assert f"k = 30%; {sel['selected_fraction']:.1%} of tokens after flooring" in table
 
 
 @pytest.mark.slow

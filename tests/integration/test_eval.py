@@ -57,3 +57,18 @@ def test_eval_errors_are_clear(tmp_path, pairs_dir, capsys):
                  "--reward", "no_such_module:f"]) == 2
     assert "cannot import" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["eval", "--model", "stories260k", "--output", str(tmp_path / "y")]) == 2  # nothing to evaluate on
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_a_bad_reward_fails_before_any_evaluation(tmp_path, pairs_dir, monkeypatch):
+    import sepo.stages.evaluate as evaluate
+    from sepo.errors import SepoError
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the reward should have been checked before the accuracy pass")
+
+    monkeypatch.setattr(evaluate, "preference_accuracy", too_late)
+    with pytest.raises(SepoError, match="is not callable"):
+        evaluate.run(evaluate.EvalConfig(model="stories260k", data=str(pairs_dir), output=str(tmp_path / "e"),
+                                         reward="sepo.tasks.sentiment:POSITIVE_WORDS"))

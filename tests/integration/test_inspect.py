@@ -100,3 +100,16 @@ def test_html_page_renders_tokens_in_headless_chromium(tmp_path, selected_dir):
             for text in token_texts(tok, ids):
                 assert f">{html.escape(text, quote=False)}</span>" in dom, text
     assert "&lt;" in dom and "&amp;" in dom and "<b>yes" not in dom
+
+
+def test_inspect_says_where_it_wrote_even_without_a_positive_margin(tmp_path, caplog):
+    """The oracle prefers no chosen response here: the report is still written, and said so."""
+    tok = load_tokenizer("stories260k")
+    ids = tok(" no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    row = {"index": 0, "prompt": "p", "prompt_input_ids": tok("p")["input_ids"], "chosen_input_ids": ids,
+           "rejected_input_ids": ids, "chosen_rewards": [-1.0] * len(ids), "rejected_rewards": [1.0] * len(ids)}
+    save_dataset(datasets.Dataset.from_list([row]), tmp_path / "scores", {"stage": "score", "tokenizer": "stories260k"})
+    with caplog.at_level("INFO"):
+        assert main(["inspect", "--scores", str(tmp_path / "scores"), "--output", str(tmp_path / "report")]) == 0
+    assert "no pair has a positive reward margin" in caplog.text and f"wrote {tmp_path / 'report'}" in caplog.text
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["pairs"]["pairs_with_positive_margin"] == 0

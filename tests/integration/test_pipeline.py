@@ -108,3 +108,27 @@ def test_a_changed_stage_reruns_everything_downstream_of_it(tmp_path):
     assert run_all(1e-4, 1e-5) == []
     assert run_all(2e-4, 1e-5) == ["oracle", "score", "select"]  # the method did not depend on the oracle
     assert run_all(2e-4, 3e-5) == ["train:dpo"]
+
+
+def test_a_stage_whose_input_no_stage_makes_fails_before_anything_runs(tmp_path, task_pairs):
+    from sepo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage train \(sepo\) reads .*selected, which stage select makes.*Add "
+                                          r"'select'"):
+        pipeline.run(config(tmp_path, task_pairs, stages=["train", "eval"]))
+    with pytest.raises(ConfigError, match=r"stage eval \(sepo\) reads .*policy-sepo, which stage train makes"):
+        pipeline.run(config(tmp_path, task_pairs, stages=["eval"]))
+    assert not (tmp_path / "run").exists()  # not even the data stage ran
+
+
+def test_a_misspelt_section_key_is_reported_in_its_section(tmp_path, task_pairs):
+    from sepo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train\.learning_rat is not a `sepo train` key; did you mean "
+                                          r"train\.learning_rate\?"):
+        pipeline.run(config(tmp_path, task_pairs, train={"learning_rat": 1e-4}))
+    with pytest.raises(ConfigError, match=r"^methods\.dpo\.bta is not a `sepo train` key; did you mean methods\.dpo\.beta"):
+        pipeline.run(config(tmp_path, task_pairs, methods={"dpo": {"loss": "dpo", "bta": 0.2}}))
+    with pytest.raises(ConfigError, match=r"^eval\.temprature is not a `sepo eval` key"):
+        pipeline.run(config(tmp_path, task_pairs, eval={"temprature": 0.5}))
+    assert not (tmp_path / "run").exists()

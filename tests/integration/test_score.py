@@ -178,3 +178,39 @@ def test_two_processes_shard_the_rows_and_the_main_process_merges(tmp_path, stor
     for column in ("chosen_rewards", "rejected_rewards"):
         for a, b in zip(two[column], one[column]):
             assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+
+
+def test_pairs_longer_than_the_models_positions_are_refused_before_anything_is_written(tmp_path, capsys, stories260k,
+                                                                                      tiny_llama_stories):
+    """stories260k has 512 positions; the data layer's default max_length is 1024. Scoring such a pair used to
+    read log-probs at positions the model never saw (or fail deep in the forward for learned positions)."""
+    tok = AutoTokenizer.from_pretrained(str(stories260k))
+    pairs = make_story_pairs_dataset(tok, n=3)
+    pairs = pairs.map(lambda row, i: {"prompt_input_ids": row["prompt_input_ids"] * 60 if i == 1 else
+                                      row["prompt_input_ids"]}, with_indices=True)
+    save_dataset(pairs, tmp_path / "pairs", {"stage": "data"})
+    rc = main(["score", "--oracle", "stories260k", "--reference", str(tiny_llama_stories), "--data",
+               str(tmp_path / "pairs"), "--output", str(tmp_path / "scores")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1 pair(s) are longer than the oracle stories260k can take (512 positions" in err
+    assert "dataset row 2 is the first" in err and "--max-length 512" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no output, no .partial work folder
+
+
+def test_scoring_a_selected_folder_again_drops_its_old_masks(tmp_path, monkeypatch, stories_pairs_dir, stories260k,
+                                                            tiny_llama_stories):
+    """Masks chosen from other rewards must not survive into a new scores folder; a local oracle given as a
+    relative path is recorded absolute, so select and inspect can load its tokenizer from anywhere."""
+    import shutil
+
+    ds, meta = load_dataset_dir(stories_pairs_dir)
+    for side in ("chosen", "rejected"):
+        ds = ds.add_column(f"{side}_mask", [[True] * len(ids) for ids in ds[f"{side}_input_ids"]])
+    save_dataset(ds, tmp_path / "selected", meta)
+    shutil.copytree(stories260k, tmp_path / "oracle")
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--oracle", "oracle", "--reference", str(tiny_llama_stories), "--data", "selected",
+                 "--output", "scores"]) == 0
+    scored, meta = load_dataset_dir(tmp_path / "scores")
+    assert "chosen_mask" not in scored.column_names and "rejected_mask" not in scored.column_names
+    assert meta["tokenizer"] == str((tmp_path / "oracle").resolve())

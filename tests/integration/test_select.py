@@ -76,7 +76,7 @@ def test_cross_tokenizer_selection_writes_policy_ids_and_conserves_reward(tmp_pa
 
 def test_bad_config_is_one_message(tmp_path, capsys, scores_dir):
     assert main(["select", "--scores", str(scores_dir), "--output", str(tmp_path / "x"), "--chosen-ratio", "1.5"]) == 2
-    assert "chosen_ratio must be in [0, 1]" in capsys.readouterr().err
+    assert "chosen_ratio must be a fraction in [0, 1] (0.3 means 30%)" in capsys.readouterr().err
     assert main(["select", "--scores", str(tmp_path / "absent"), "--output", str(tmp_path / "y")]) == 2
 
 
@@ -120,3 +120,32 @@ def test_projection_falls_back_to_decoded_pieces_for_context_tokenized_ids(gpt2_
     assert out["chosen_input_ids"][0] == [*gpt2(" smiled", add_special_tokens=False)["input_ids"], gpt2.eos_token_id]
     assert sum(out["chosen_rewards"][0]) == pytest.approx(sum(rewards), abs=1e-5)
     assert out["chosen_rewards"][0][-1] == pytest.approx(-1.0)  # EOS -> EOS
+
+
+def test_rewards_that_do_not_line_up_with_the_ids_are_refused(tmp_path, capsys, scores_dir):
+    """A folder whose reward lists were cut or re-tokenized used to be selected silently, with the masks
+    attached to the wrong tokens."""
+    ds, meta = load_dataset_dir(scores_dir)
+    ds = ds.map(lambda row, i: {"rejected_rewards": row["rejected_rewards"][:-1] if i == 2 else row["rejected_rewards"]},
+                with_indices=True)
+    save_dataset(ds, tmp_path / "bad", meta)
+    for command in ("select", "inspect"):
+        assert main([command, "--scores", str(tmp_path / "bad"), "--output", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert "row 3, field 'rejected_rewards'" in err and "Traceback" not in err
+        assert not (tmp_path / command).exists()
+
+
+def test_a_slow_policy_tokenizer_is_refused_by_name(tmp_path, capsys, scores_dir, stories260k):
+    """A slow tokenizer silently returns no offset mapping; the projection needs one."""
+    from transformers import SentencePieceBackend
+
+    slow = SentencePieceBackend(vocab_file=str(stories260k / "tokenizer.model"), bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>")
+    slow.save_pretrained(tmp_path / "slow")
+    assert not load_tokenizer(str(tmp_path / "slow")).is_fast
+    rc = main(["select", "--scores", str(scores_dir), "--output", str(tmp_path / "sel"), "--policy-tokenizer",
+               str(tmp_path / "slow")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"the policy tokenizer {tmp_path / 'slow'} (SentencePieceBackend) is not a fast tokenizer" in err
+    assert not (tmp_path / "sel").exists()

@@ -99,6 +99,8 @@ def test_every_loss_learns_the_toy_set_and_only_the_policy_changes(loss, micro, 
     assert metrics["eval/loss"] < first["train/loss"], "the loss did not fall"
     if loss == "sft":  # sft has no preference: it raises the chosen log-likelihood
         assert metrics["eval/rewards/chosen"] > first["train/rewards/chosen"]
+        # it never scores the rejected half while training: no fake rejected reward / accuracy / margin is logged
+        assert not {"train/rewards/rejected", "train/rewards/accuracy", "train/rewards/margin"} & set(first)
     else:
         assert metrics["eval/rewards/margin"] > first["train/rewards/margin"]
         assert metrics["eval/rewards/accuracy"] > first["train/rewards/accuracy"]
@@ -198,10 +200,52 @@ def test_bad_input_fails_clearly_and_writes_nothing(micro, toy, tmp_path):
         train.run(cfg(micro, _nomask(toy, tmp_path), tmp_path / "c"))
     other = _variant(toy, tmp_path / "other", lambda r, i: {}, {"tokenizer_fingerprint": "0123456789abcdef",
                                                            "tokenizer": "gpt2"})
-    with pytest.raises(SepoError, match=r"tokenized .*gpt2.*(not with this tokenizer|not the policy's)"):
+    # a selection made for another tokenizer: the fix that keeps its rewards, not a re-preparation that drops them
+    with pytest.raises(SepoError, match=r"tokenized .*gpt2.*not the policy's.*sepo select --scores .* "
+                                        r"--policy-tokenizer"):
         train.run(cfg(micro, other, tmp_path / "d"))
     for name in "abcd":
-        assert not (tmp_path / name / METADATA_FILE).exists() and not (tmp_path / name / "model.safetensors").exists()
+        assert not (tmp_path / name).exists(), f"a failed run left {name}/ behind"
+
+    # --overwrite with a bad input must not have deleted the previous run first
+    done = tmp_path / "done"
+    train.run(cfg(micro, toy, done, max_steps=1))
+    with pytest.raises(DataError):
+        train.run(cfg(micro, short, done, overwrite=True, max_steps=1))
+    assert (done / METADATA_FILE).is_file() and (done / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("loss", "settings", "received"), [
+    ("dpo", {"beta": 0.3, "label_smoothing": 0.2}, {"beta": 0.3, "label_smoothing": 0.2}),
+    ("simpo", {"beta": 1.5, "gamma": 0.7, "label_smoothing": 0.1}, {"beta": 1.5, "gamma": 0.7, "label_smoothing": 0.1}),
+    ("rpo", {"alpha": 0.25}, {"alpha": 0.25}),
+    ("tdpo", {"tdpo_variant": 1, "alpha": 0.3, "beta": 0.2}, {"variant": 1, "alpha": 0.3, "beta": 0.2}),
+    ("sepo", {"gamma": 2.5, "sepo_normalize": "length"}, {"gamma": 2.5, "normalize": "length"}),
+])
+def test_every_loss_hyper_parameter_reaches_the_loss(loss, settings, received, micro, toy, tmp_path, monkeypatch):
+    """No silent knob: each TrainConfig hyper-parameter arrives at the loss function as its keyword, on every call."""
+    import functools
+
+    real, calls = LOSSES[loss], []
+
+    @functools.wraps(real)  # keeps the signature loss_kwargs inspects
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(LOSSES, loss, recording)
+    train.run(cfg(micro, toy, tmp_path / loss, loss=loss, max_steps=2, **settings))
+    assert len(calls) == 2 and all({k: c[k] for k in received if k in c} == received for c in calls)
+
+
+def test_hyper_parameter_values_a_loss_cannot_use_fail_at_config_time():
+    from sepo.errors import ConfigError
+
+    for bad in ({"loss": "rdpo", "label_smoothing": 0.6}, {"loss": "dpo", "beta": -1.0}, {"loss": "sepo", "gamma": 0.0},
+                {"loss": "simpo", "gamma": -0.5}, {"loss": "rpo", "alpha": -1.0}):
+        with pytest.raises(ConfigError, match=next(k for k in bad if k != "loss")):
+            TrainConfig(model="m", data="d", **bad)
+    TrainConfig(model="m", data="d", loss="simpo", gamma=0.0)  # a zero target margin is plain SimPO
 
 
 def _nomask(toy: Path, tmp_path: Path) -> Path:

@@ -69,3 +69,16 @@ def test_kit_reference_spec():
         PipelineConfig(data="x", stages=["score", "oracle"])
     with pytest.raises(ConfigError, match="set by the pipeline"):
         PipelineConfig(data="x", train={"model": "other"})
+
+
+def test_demo_yaml_writes_out_every_default_of_sepo_demo():
+    """configs/demo.yaml says it is `sepo demo`'s defaults written out: every key, each at its default."""
+    import dataclasses
+
+    from sepo.config import load_yaml
+    from sepo.stages.demo import FULL, DemoConfig
+
+    written = load_yaml(ROOT / "configs" / "demo.yaml")
+    defaults = {f.name: FULL.get(f.name, getattr(DemoConfig(), f.name)) for f in dataclasses.fields(DemoConfig)}
+    assert set(written) == set(defaults)
+    assert {k: written[k] for k in defaults} == defaults

@@ -185,3 +185,13 @@ def test_pairs_with_text_prompts_only():
         tokenize_pairs(rows, tok, DataOptions())
     with pytest.raises(SepoError, match="lacks chosen"):
         tokenize_pairs(rows.remove_columns("chosen"), tok, DataOptions())
+
+
+def test_tokenize_pairs_refuses_when_every_row_is_dropped():
+    from sepo.models import load_tokenizer
+
+    rows = datasets.Dataset.from_list([{"prompt": "A long question " * 10, "chosen": " yes", "rejected": " no"}])
+    with pytest.raises(DataError, match="no usable rows after tokenization") as err:
+        tokenize_pairs(rows, load_tokenizer("stories260k"), DataOptions(max_length=4, on_invalid="skip"),
+                       source="q.jsonl")
+    assert err.value.file == "q.jsonl" and "raise --max-length" in err.value.hint

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 
+# float rounding slack: a share that reaches ``level`` up to rounding counts as reached, and floor(x * n) of a
+# grid point such as 0.3 * 10 = 2.9999999999999996 is 3
+_ROUNDING_SLACK = 1e-6
+
 
 def token_rewards(oracle_logps: torch.Tensor, reference_logps: torch.Tensor, mask: torch.Tensor,
                   beta: float) -> torch.Tensor:
@@ -66,8 +70,7 @@ def concentration(contributions: torch.Tensor, mask: torch.Tensor, level: float 
     """
     share_cum, total, n = _sorted_shares(contributions.float(), mask)
     valid = (total > 0) & (n > 0)  # (B,)
-    # tiny slack so that a level reached up to float rounding counts as reached
-    reached = share_cum >= level - 1e-6  # (B, L)
+    reached = share_cum >= level - _ROUNDING_SLACK  # (B, L)
     first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1) + 1, n)  # (B,) tokens needed
     share = first.float() / n.clamp_min(1).float()
     return share.masked_fill(~valid, float("nan")), valid
@@ -81,6 +84,6 @@ def concentration_curve(contributions: torch.Tensor, mask: torch.Tensor, grid: t
     """
     share_cum, total, n = _sorted_shares(contributions.float(), mask)
     padded = torch.cat([torch.zeros_like(share_cum[:, :1]), share_cum], dim=1)  # (B, L + 1): 0 tokens -> 0
-    take = torch.floor(grid[None, :].float() * n[:, None].float() + 1e-6).long()  # (B, G)
+    take = torch.floor(grid[None, :].float() * n[:, None].float() + _ROUNDING_SLACK).long()  # (B, G)
     curve = padded.gather(1, take.clamp(max=padded.shape[1] - 1))
     return curve.masked_fill(~((total > 0) & (n > 0))[:, None], float("nan"))

@@ -11,10 +11,11 @@ from sepo.data.formats import REASONS, detect_format
 from sepo.data.load import RawPairs, load_pairs, load_preference_data, pairs_metadata
 from sepo.data.options import DataOptions
 from sepo.data.subsets import shuffle, subset, train_eval_split
-from sepo.data.tokenize import TOKEN_COLUMNS, TokenizedPairs, tokenize_pairs
+from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS, TokenizedPairs, tokenize_pairs
 
 __all__ = [
     "REASONS",
+    "TOKEN_ALIGNED_COLUMNS",
     "TOKEN_COLUMNS",
     "DataOptions",
     "RawPairs",

@@ -19,14 +19,16 @@ from sepo.data.formats import (
 )
 from sepo.data.options import DataOptions
 from sepo.data.sources import INVALID_HINT, read_source
-from sepo.data.tokenize import TOKEN_COLUMNS, tokenize_pairs
+from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS, tokenize_pairs
 from sepo.errors import DataError, SepoError
 
 log = logging.getLogger(__name__)
 
 # columns every canonical row has; a source column with one of these names (or a token-id column, which is
-# recomputed) is not carried over as metadata -- except a source ``index``, kept as ``source_index``
-_RESERVED = {"index", "prompt", "prompt_messages", "chosen", "rejected", "source_file", "source_row", *TOKEN_COLUMNS}
+# recomputed, or a per-token column of a sepo folder, which would not line up with the new ids) is not carried
+# over as metadata -- except a source ``index``, kept as ``source_index``
+_RESERVED = {"index", "prompt", "prompt_messages", "chosen", "rejected", "source_file", "source_row", *TOKEN_COLUMNS,
+             *TOKEN_ALIGNED_COLUMNS}
 
 
 @dataclass
@@ -162,6 +164,20 @@ def load_pairs(data: str, tokenizer, options: DataOptions):
     raw = load_preference_data(data, options)
     tokenized = tokenize_pairs(raw.dataset, tokenizer, options, source=raw.source)
     return tokenized.dataset, pairs_metadata(raw, tokenized, tokenizer, options)
+
+
+def recorded_name(name_or_path: str) -> str:
+    """How a model or tokenizer is written into metadata: a local folder as an absolute path, so a later stage
+    (``sepo select``, ``sepo inspect``) run from another working directory can still load it; a hub id or the
+    ``stories260k`` alias as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def arrow_table(dataset):
+    """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
+    applied first), for column-wise reads with no Python lists."""
+    return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
 
 
 def _unstorable_columns(records: list[dict]) -> list[str]:

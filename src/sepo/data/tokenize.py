@@ -45,10 +45,17 @@ from sepo.errors import ConfigError, DataError, SepoError
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+# Per-token columns later stages add, one entry per response id (score: rewards, select: masks, train's
+# reference cache: log-probs). They belong to one tokenization: re-tokenizing pairs drops them, since they would
+# no longer line up with the new ids.
+TOKEN_ALIGNED_COLUMNS = ("chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask", "chosen_ref_logps",
+                         "rejected_ref_logps")
 _SIDES = ("chosen", "rejected")
 # per-row bookkeeping columns written by the map and removed afterwards
 _PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE = "_problem", "_problem_field", "_problem_message"
 _FLAGS = ("_prompt_truncated", "_chosen_truncated", "_rejected_truncated", "_boundary_retokenized")
+MAP_BATCH_ROWS = 256  # rows per batched tokenizer call in the map (one Rust call per column per batch)
+PROGRESS_MIN_ROWS = 5000  # datasets' progress bar only for maps long enough to be worth watching
 
 
 @dataclass
@@ -201,14 +208,15 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
     ensure_pad_token(tokenizer)
     template = resolve_template(tokenizer, options.chat_template)
     encoder = PairEncoder(tokenizer, template, options)
-    existing = [c for c in TOKEN_COLUMNS if c in dataset.column_names]
-    if existing:  # re-tokenizing pairs read from a prepared folder
+    existing = [c for c in (*TOKEN_COLUMNS, *TOKEN_ALIGNED_COLUMNS) if c in dataset.column_names]
+    if existing:  # re-tokenizing pairs read from a sepo folder
         dataset = dataset.remove_columns(existing)
     # an explicit fingerprint: hashing the tokenizer object is slow and unstable across processes
     key = fingerprint(dataset._fingerprint, tokenizer_fingerprint(tokenizer), template.kind, template.text,
                       asdict(options))
-    with _progress_bar(len(dataset) > 5000):
-        mapped = dataset.map(encoder, batched=True, batch_size=256, num_proc=options.num_proc, new_fingerprint=key,
+    with _progress_bar(len(dataset) > PROGRESS_MIN_ROWS):
+        mapped = dataset.map(encoder, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=options.num_proc,
+                             new_fingerprint=key,
                              desc="tokenizing pairs")
 
     problems = mapped[_PROBLEM]
@@ -223,8 +231,12 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
     if bad:
         invalid = set(bad)
         mapped = mapped.select([i for i in range(len(mapped)) if i not in invalid])
-        log.warning("skipped %d invalid row(s) while tokenizing: %s", len(bad),
-                    ", ".join(f"{r} {c}" for r, c in sorted(dropped.items())))
+        log.warning("skipped %d invalid row(s) while tokenizing: %s", len(bad), _counts(dropped))
+    if len(mapped) == 0:  # an empty dataset would be written, then fail unreadably in the next stage
+        if not dropped:
+            raise DataError("has no rows to tokenize", file=source or "data")
+        raise DataError(f"no usable rows after tokenization (every row was invalid: {_counts(dropped)})",
+                        file=source or "data", hint=_empty_hint(dropped.most_common(1)[0][0]))
     flags = {f: sum(mapped[f]) for f in _FLAGS}  # over the rows kept
     mapped = mapped.remove_columns([_PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE, *_FLAGS])
     stats = {
@@ -252,6 +264,19 @@ def _progress_bar(show: bool):
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def _counts(dropped: Counter) -> str:
+    return ", ".join(f"{r} {c}" for r, c in sorted(dropped.items()))
+
+
+def _empty_hint(reason: str) -> str:
+    """What to change when every row was dropped (skipping more rows cannot help)."""
+    if reason == "prompt_too_long":
+        return "the prompts are longer than --max-length; raise --max-length"
+    if reason == "template_error":
+        return "the chat template fails on these rows; pass --chat-template none or another template"
+    return f"most rows fail with {reason} ({REASONS.get(reason, reason)}); check --format, --columns and the data"
 
 
 def _hint(reason: str) -> str:

@@ -1,7 +1,7 @@
 """`sepo data inspect` and `sepo data prepare`: look at a preference dataset, and write it tokenized.
 
     sepo data inspect data/hh-rlhf/harmless-base/test.jsonl.gz --tokenizer gpt2 --on-invalid skip
-    sepo data prepare data/pandalm/testset-v1.json --tokenizer stories260k --output runs/pairs
+    sepo data prepare data/llmbar --tokenizer stories260k --max-length 512 --on-invalid skip --output runs/pairs
 
 ``prepare`` writes the canonical tokenized pairs (``index``, ``prompt``, ``prompt_messages``, ``chosen``,
 ``rejected``, ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` + source metadata columns) as an
@@ -18,11 +18,14 @@ import numpy as np
 from sepo import __version__
 from sepo.config import option, to_dict
 from sepo.data import DataOptions, load_preference_data, pairs_metadata, tokenize_pairs
+from sepo.data.load import recorded_name
 from sepo.errors import ConfigError, SepoError
 from sepo.io import save_dataset
 
 BOUNDARY = "⟦|⟧"
 PERCENTILES = (50, 90, 99)
+# characters shown of an example: the end of the prompt (nearest the boundary) and the start of the response
+SHOWN_PROMPT_CHARS, SHOWN_RESPONSE_CHARS = 600, 400
 
 
 @dataclass
@@ -101,7 +104,8 @@ def _example(row: dict, tokenizer) -> str:
             prompt, response = _decoded_pair(tokenizer, row["prompt_input_ids"], row[f"{side}_input_ids"])
             label = f"prompt ({len(row['prompt_input_ids'])} tokens) {BOUNDARY} {side} " \
                     f"({len(row[f'{side}_input_ids'])} tokens)"
-        lines += [f"[{label}]", _clip(prompt, 600, keep_end=True) + BOUNDARY + _clip(response, 400, keep_end=False)]
+        lines += [f"[{label}]", _clip(prompt, SHOWN_PROMPT_CHARS, keep_end=True) + BOUNDARY
+                  + _clip(response, SHOWN_RESPONSE_CHARS, keep_end=False)]
     return "\n".join(lines)
 
 
@@ -176,7 +180,7 @@ def prepare(cfg: DataPrepareConfig) -> Path:
 
     # ------------------------------------------------------------------ write (temporary folder, then rename)
     metadata = {"stage": "data prepare", "sepo_version": __version__, **pairs_metadata(raw, tokenized, tokenizer,
-                cfg.data_options), "tokenizer": cfg.tokenizer, "config": to_dict(cfg)}
+                cfg.data_options), "tokenizer": recorded_name(cfg.tokenizer), "config": to_dict(cfg)}
     save_dataset(tokenized.dataset, output, metadata, overwrite=cfg.overwrite)
 
     counts = metadata["counts"]

@@ -13,7 +13,6 @@ Writes ``output/results.json``, ``results.md`` and PNG plots; docs/demo.md expla
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -112,14 +111,23 @@ def selection_quality(tokenizer, folder: Path) -> dict:
 def run(cfg: DemoConfig) -> dict:
     import torch
 
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves global state as it was, even on an error
+
+
+def _run(cfg: DemoConfig) -> dict:
+    import torch
+
     from sepo.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
     from sepo.stages import pipeline
     from sepo.tasks.sentiment import make_preference_pairs, story_prompts
     from sepo.testing import build_tiny_model
 
-    threads_before = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)  # restored at the end: a library call leaves global state as it was
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -183,7 +191,6 @@ def run(cfg: DemoConfig) -> dict:
     atomic_write_text(out / "results.md", table)
     print(table)
     log.info("demo finished in %.0f s; results in %s", results["seconds"], out)
-    torch.set_num_threads(threads_before)
     return results
 
 
@@ -196,7 +203,8 @@ def results_markdown(results: dict) -> str:
              "untrained model's sample on the same prompt (ties 1/2); kl: KL(pi || pi_ref) in nats per sample; "
              "pref_accuracy: held-out pairs (implicit reward for DPO, length-normalised log-prob otherwise); "
              "token_fraction: share of response tokens trained on.", "",
-             "| selection (k = {:.0%}) | precision | recall |".format(s["selected_fraction"]), "|---|---|---|",
+             f"| selection (k = {results['config']['ratio']:.0%}; {s['selected_fraction']:.1%} of tokens after "
+             "flooring) | precision | recall |", "|---|---|---|",
              f"| oracle (DPO of the model itself) | {s['precision']:.3f} | {s['recall']:.3f} |",
              f"| random (same count per response) | {s['random_precision']:.3f} | {s['random_recall']:.3f} |"]
     if "weak_precision" in s:
@@ -261,7 +269,3 @@ def make_plots(out: Path, methods: dict, strong_dir: Path, weak_dir: Path | None
     plt.close(fig)
     plt.close(fig2)
     return [*written, "concentration.png", "token_rewards.png"]
-
-
-def load_results(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "results.json").read_text())

@@ -59,7 +59,7 @@ class EvalConfig:
     batch_size: int = option(32, "sequences per forward / generate call", unit="sequences")
     generator_name: str | None = option(None, "the `generator` field of the AlpacaEval export (none: model name)")
     tokenizer: str | None = option(None, "tokenizer (none: the model's own)")
-    dtype: str = option("float32", "model dtype (auto, float32, bfloat16, float16)")
+    dtype: str = option("float32", "dtype the models are loaded in", choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = option(0, "sampling seed")
     overwrite: bool = option(False, "replace an existing output folder")
     data_options: DataOptions = option(default_factory=DataOptions, help="reading raw data (when data is not a "
@@ -92,15 +92,18 @@ def run(cfg: EvalConfig) -> dict:
 
     from sepo.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
 
-    if not cfg.model:
-        raise ConfigError("sepo eval needs a model (--model PATH)")
+    if not (cfg.model and cfg.data):
+        raise ConfigError("sepo eval needs --model (the policy) and --data (held-out pairs: their prompts are what "
+                          "it generates for)")
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
     started = time.time()
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ models and the reward
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # loaded first: a wrong --reward fails in seconds, not after the accuracy pass and the generations
+    reward_fn = load_reward(cfg.reward, device=accelerator.device) if cfg.reward and cfg.num_prompts > 0 else None
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     policy = load_causal_lm(cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     reference = None
@@ -112,12 +115,12 @@ def run(cfg: EvalConfig) -> dict:
     metrics: dict = {"model": cfg.model, "reference": cfg.reference}
 
     # ------------------------------------------------------------------ data
-    pairs = load_eval_pairs(cfg.data, tok, cfg.data_options) if cfg.data else None
-    if pairs is not None and cfg.max_pairs is not None:
+    pairs = load_eval_pairs(cfg.data, tok, cfg.data_options)
+    if cfg.max_pairs is not None:
         pairs = pairs.select(range(min(cfg.max_pairs, len(pairs))))
 
     # ------------------------------------------------------------------ preference accuracy
-    if pairs is not None and len(pairs):
+    if len(pairs):
         use_ref = reference if (cfg.accuracy_metric == "implicit" or
                                 (cfg.accuracy_metric == "auto" and reference is not None)) else None
         acc = preference_accuracy(policy, pairs, tok.pad_token_id, reference=use_ref, batch_size=cfg.batch_size)
@@ -127,7 +130,7 @@ def run(cfg: EvalConfig) -> dict:
 
     # ------------------------------------------------------------------ generation
     records: list[dict] = []
-    if pairs is not None and cfg.num_prompts > 0:
+    if cfg.num_prompts > 0:
         seen: dict[str, list[int]] = {}
         for row in pairs:
             if row["prompt"] not in seen and len(seen) < cfg.num_prompts:
@@ -145,8 +148,7 @@ def run(cfg: EvalConfig) -> dict:
                 r["reference_output"] = t
 
         # -------------------------------------------------------------- reward and win rate
-        if cfg.reward:
-            reward_fn = load_reward(cfg.reward, device=accelerator.device)
+        if reward_fn is not None:
             rewards = reward_fn(prompts, [r["output"] for r in records])
             for r, v in zip(records, rewards):
                 r["reward"] = v

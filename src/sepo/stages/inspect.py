@@ -23,12 +23,19 @@ from sepo import __version__
 from sepo.config import option, to_dict
 from sepo.core.rewards import concentration, concentration_curve, pair_contributions
 from sepo.core.selection import SIDES
+from sepo.data.load import arrow_table
 from sepo.errors import ConfigError, SepoError
 from sepo.io import atomic_dir, load_dataset_dir, write_metadata
-from sepo.stages.select import flat_column, pad_rows, token_pieces
+from sepo.stages.select import check_token_aligned, flat_column, pad_rows, token_pieces
 
 log = logging.getLogger(__name__)
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+# torch.quantile refuses inputs above 16M elements; the quantiles are taken over a seeded sample of this size
+QUANTILE_SAMPLE = 1_000_000
+# a token is drawn in full colour from this quantile of |r| over the shown pairs, so one outlier does not wash
+# out every other token
+COLOUR_QUANTILE = 0.95
+CURVE_POINTS = 101  # token shares 0, 0.01, ..., 1 at which the concentration curve is evaluated
 
 
 @dataclass
@@ -58,8 +65,8 @@ def describe(values: torch.Tensor) -> dict:
     v = values.double()
     if v.numel() == 0:
         return {"count": 0}
-    q = torch.quantile(v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]],
-                       torch.tensor(QUANTILES, dtype=torch.float64))  # quantiles of <= 1M tokens (torch's limit)
+    sample = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:QUANTILE_SAMPLE]]
+    q = torch.quantile(sample, torch.tensor(QUANTILES, dtype=torch.float64))
     return {"count": int(v.numel()), "mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), **{f"q{int(p * 100):02d}": float(x) for p, x in zip(QUANTILES, q)}}
 
@@ -122,7 +129,8 @@ def run(cfg: InspectConfig) -> dict:
     ds, meta = load_dataset_dir(cfg.scores, ("chosen_input_ids", "rejected_input_ids", "chosen_rewards",
                                              "rejected_rewards"), produced_by="sepo score")
     has_masks = {"chosen_mask", "rejected_mask"} <= set(ds.column_names)
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+    table = arrow_table(ds)
+    check_token_aligned(table, cfg.scores, kinds=("rewards", "mask"))
     flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
     masks = {side: flat_column(table, f"{side}_mask")[0].bool() for side in SIDES} if has_masks else None
 
@@ -137,7 +145,7 @@ def run(cfg: InspectConfig) -> dict:
             summary[side]["unselected"] = describe(values[~masks[side]])
 
     # ---- 3. reward concentration (paper Fig. 1), vectorized over padded batches of pairs ----
-    grid = torch.linspace(0, 1, 101)
+    grid = torch.linspace(0, 1, CURVE_POINTS)
     shares, curves = [], []
     for b in range(0, len(ds), cfg.batch_rows):
         rows = torch.arange(b, min(b + cfg.batch_rows, len(ds)))
@@ -168,7 +176,7 @@ def run(cfg: InspectConfig) -> dict:
         log.warning("tokens shown as ids: %s", e)
     examples = [ds[i] for i in range(min(cfg.num_examples, len(ds)))]
     shown = [abs(r) for row in examples for side in SIDES for r in row[f"{side}_rewards"]]
-    scale = float(torch.tensor(shown).quantile(0.95)) if shown else 1.0
+    scale = float(torch.tensor(shown).quantile(COLOUR_QUANTILE)) if shown else 1.0
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         if valid.any():
@@ -208,6 +216,9 @@ def run(cfg: InspectConfig) -> dict:
                              "num_rows": len(ds), "config": to_dict(cfg)})
     pairs = summary["pairs"]
     if pairs["mean_token_share_for_level"] is not None:
-        log.info("%.0f%% of the reward difference sits in %.1f%% of a pair's tokens on average (%d pairs) -> %s",
-                 100 * cfg.level, 100 * pairs["mean_token_share_for_level"], pairs["pairs_with_positive_margin"], out)
+        log.info("%.0f%% of the reward difference sits in %.1f%% of a pair's tokens on average (%d pairs)",
+                 100 * cfg.level, 100 * pairs["mean_token_share_for_level"], pairs["pairs_with_positive_margin"])
+    else:
+        log.info("no pair has a positive reward margin (the oracle prefers no chosen response): no concentration")
+    log.info("wrote %s (summary.json, concentration.png, reward_histograms.png, examples.html)", out)
     return summary

@@ -22,7 +22,9 @@ with in eval). ``score_data`` may differ from ``data`` (out-of-distribution sele
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import json
 import logging
 import random
 import time
@@ -115,16 +117,25 @@ def _stage_class(module: str, name: str):
         raise SepoError(f"stage sepo.stages.{module} is not available ({e})") from None
 
 
-def _build(module: str, cls_name: str, owned: dict, *sections: dict, where: str):
-    """A stage config from the pipeline-owned values and the YAML sections (later sections win)."""
+COMMAND = {"train": "train", "score": "score", "select": "select", "evaluate": "eval"}  # module -> `sepo <command>`
+
+
+def _build(module: str, cls_name: str, owned: dict, *sections: tuple[str, dict], where: str):
+    """A stage config from the pipeline-owned values and the named YAML sections (later sections win). A key the
+    stage does not know is reported under the section it was written in (``train.learning_rat``)."""
     cls = _stage_class(module, cls_name)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for s in sections:
-        values.update(s)
+    for section, entries in sections:
+        for key in entries:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), sorted(names), n=1)
+                hint = f"did you mean {section}.{close[0]}?" if close else f"`sepo {COMMAND[module]} --help` lists them"
+                raise ConfigError(f"{section}.{key} is not a `sepo {COMMAND[module]}` key; {hint}")
+        values.update(entries)
     values.update({k: v for k, v in owned.items() if k in names or k in ("model", "data", "output")})
     try:
-        return from_dict(cls, values, source=where)
+        return from_dict(cls, values)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -168,22 +179,23 @@ def stage_configs(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "sft" in cfg.stages:
         out["sft"] = _build("train", "TrainConfig", {"model": base_reference(cfg, run_dir), "data": train_dir, "loss": "sft",
-                                                     "output": str(run_dir / "sft")}, cfg.sft, where="sft")
+                                                     "output": str(run_dir / "sft")}, ("sft", cfg.sft), where="sft")
     out["oracle"] = _build("train", "TrainConfig", {"model": ref, "data": train_dir, "output": str(run_dir / "oracle"),
                                                     "subset": subset, "seed": cfg.seed},
-                           {"loss": "dpo"}, cfg.oracle, where="oracle")
+                           ("oracle", {"loss": "dpo"}), ("oracle", cfg.oracle), where="oracle")
     out["score"] = _build("score", "ScoreConfig", {"oracle": str(run_dir / "oracle"), "reference": ref,
                                                    "data": scored, "output": str(run_dir / "scores")},
-                          cfg.score, where="score")
+                          ("score", cfg.score), where="score")
     sel_owned = {"scores": str(run_dir / "scores"), "output": str(run_dir / "selected")}
     if cfg.policy and _different_vocabulary(base_reference(cfg, run_dir), cfg.policy):
         sel_owned["policy_tokenizer"] = cfg.policy  # project the rewards onto the policy's tokens
-    out["select"] = _build("select", "SelectConfig", sel_owned, cfg.select, where="select")
+    out["select"] = _build("select", "SelectConfig", sel_owned, ("select", cfg.select), where="select")
     for name, m in method_specs(cfg).items():
         data = {"oracle": str(run_dir / "selected"), "random": str(run_dir / "selected-random"), "none": scored}
         owned = {"model": m["model"] or policy, "data": data[m["selection"]], "loss": m["loss"],
                  "output": str(run_dir / f"policy-{name}"), "seed": cfg.seed}
-        out[f"train:{name}"] = _build("train", "TrainConfig", owned, cfg.train, m["train"], where=f"methods.{name}")
+        out[f"train:{name}"] = _build("train", "TrainConfig", owned, ("train", cfg.train), (f"methods.{name}", m["train"]),
+                                       where=f"methods.{name}")
     for name in ["reference", *method_specs(cfg)]:
         spec = method_specs(cfg).get(name, {"loss": "sft", "model": None})
         model = (spec["model"] or policy) if name == "reference" else str(run_dir / f"policy-{name}")
@@ -191,8 +203,8 @@ def stage_configs(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         out[f"eval:{name}"] = _build("evaluate", "EvalConfig", {
             "model": model, "reference": spec["model"] or policy, "data": eval_dir, "reward": cfg.reward,
             "output": str(run_dir / f"eval-{name}"), "accuracy_metric": metric, "seed": cfg.seed,
-            "generator_name": name, "overwrite": True}, {"data_options": to_dict(cfg.data_options)}, cfg.eval,
-            where=f"eval ({name})")
+            "generator_name": name, "overwrite": True}, ("data_options", {"data_options": to_dict(cfg.data_options)}),
+            ("eval", cfg.eval), where=f"eval ({name})")
     return out
 
 
@@ -210,6 +222,30 @@ def _different_vocabulary(a: str, b: str) -> bool:
             return tokenizer_fingerprint(load_tokenizer(a)) != tokenizer_fingerprint(load_tokenizer(b))
     except SepoError:
         return True
+
+
+def check_stage_inputs(cfg: PipelineConfig, run_dir: Path) -> None:
+    """Every stage in ``cfg.stages`` reads folders that an earlier stage of this run makes, or that a previous run
+    finished (their ``.done.json`` marker): otherwise fail now, before hours of the stages ahead of it."""
+    specs = method_specs(cfg)
+    needs: list[tuple[str, str, str]] = []  # (stage, folder it reads, the stage that makes it)
+    if "score" in cfg.stages:
+        needs.append(("score", "oracle", "oracle"))
+    if "select" in cfg.stages:
+        needs.append(("select", "scores", "score"))
+    if "train" in cfg.stages:
+        for name, m in specs.items():
+            if m["selection"] != "none":
+                needs.append((f"train ({name})", "selected-random" if m["selection"] == "random" else "selected",
+                              "select"))
+    if "eval" in cfg.stages:
+        needs += [(f"eval ({name})", f"policy-{name}", "train") for name in specs]
+    for stage, folder, maker in needs:
+        made_here = maker in cfg.stages and STAGES.index(maker) < STAGES.index(stage.split(" ")[0])
+        if not made_here and not (run_dir / f"{folder}.done.json").is_file():
+            raise ConfigError(f"stage {stage} reads {run_dir / folder}, which stage {maker} makes; it is not in "
+                              f"stages ({', '.join(cfg.stages)}) and no earlier run in {run_dir} finished it. Add "
+                              f"'{maker}' (and the stages before it) to stages, or point output at the run that has it")
 
 
 def random_masks_like(selected, seed: int):
@@ -238,8 +274,6 @@ class _Runner:
         self.digests: dict[str, str] = {}
 
     def __call__(self, key: str, folder: Path, settings: Any, fn, after: tuple[str, ...] = ()) -> None:
-        import json
-
         marker = folder.parent / f"{folder.name}.done.json"
         digest = fingerprint(settings, [self.digests.get(k) for k in after])
         self.digests[key] = digest
@@ -276,6 +310,8 @@ def run(cfg: PipelineConfig) -> dict:
     if not cfg.data:
         raise ConfigError("sepo pipeline needs data (a preference dataset)")
     run_dir = Path(cfg.output)
+    configs = stage_configs(cfg, run_dir)  # every section validated before anything runs
+    check_stage_inputs(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     step = _Runner(run_dir, cfg.rerun)
@@ -293,17 +329,17 @@ def run(cfg: PipelineConfig) -> dict:
                 build_tiny_model(tmp, **kit)
 
         step("kit", run_dir / "kit-model", kit, build)
-
-    configs = stage_configs(cfg, run_dir)
+        configs = stage_configs(cfg, run_dir)  # again, now that the kit's tokenizer exists (select's projection)
 
     # ------------------------------------------------------------------ data: train / eval split, tokenized once
     def prepare_data():
+        from sepo.data import load_pairs
         from sepo.models import load_tokenizer, tokenizer_fingerprint
 
         tok = load_tokenizer(base_reference(cfg, run_dir))
-        train = _load_pairs(cfg.data, tok, cfg.data_options)
+        train = load_pairs(cfg.data, tok, cfg.data_options)[0]
         if cfg.eval_data:
-            held_out = _load_pairs(cfg.eval_data, tok, cfg.data_options)
+            held_out = load_pairs(cfg.eval_data, tok, cfg.data_options)[0]
         else:
             split = train.train_test_split(test_size=min(cfg.eval_size, len(train) // 2), seed=cfg.seed)
             train, held_out = split["train"], split["test"]
@@ -314,7 +350,7 @@ def run(cfg: PipelineConfig) -> dict:
         save_dataset(train, run_dir / "data" / "train", {**meta, "num_rows": len(train)}, overwrite=True)
         save_dataset(held_out, run_dir / "data" / "eval", {**meta, "num_rows": len(held_out)}, overwrite=True)
         if cfg.score_data:
-            other = _load_pairs(cfg.score_data, tok, cfg.data_options)
+            other = load_pairs(cfg.score_data, tok, cfg.data_options)[0]
             save_dataset(other, run_dir / "data" / "score", {**meta, "source": cfg.score_data,
                                                                "num_rows": len(other)}, overwrite=True)
 
@@ -366,8 +402,6 @@ def run(cfg: PipelineConfig) -> dict:
             folder = run_dir / f"eval-{name}"
             step(key, folder, to_dict(configs[key]), lambda k=key: eval_mod.run(configs[k]),
                  after=("data", "sft", f"train:{name}"))
-            import json
-
             metrics = json.loads((folder / "metrics.json").read_text())
             sel = specs.get(name, {}).get("selection", "none")
             frac = token_fraction(load_dataset_dir(run_dir / ("selected" if sel == "oracle" else "selected-random"))[0]) \
@@ -386,13 +420,6 @@ def run(cfg: PipelineConfig) -> dict:
     if results["methods"]:
         print(results_markdown(results, title=None))
     return results
-
-
-def _load_pairs(source: str, tokenizer, options: DataOptions):
-    # a sepo folder as it is (tokenizer checked), anything else tokenized now
-    from sepo.data import load_pairs
-
-    return load_pairs(source, tokenizer, options)[0]
 
 
 def _fmt(v: Any) -> str:

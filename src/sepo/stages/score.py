@@ -25,7 +25,9 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
+from sepo.data.load import arrow_table, recorded_name
 from sepo.data.options import DataOptions
+from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, SepoError
 from sepo.io import (
     METADATA_FILE,
@@ -38,8 +40,10 @@ from sepo.io import (
 )
 
 log = logging.getLogger(__name__)
-PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 REWARD_COLUMNS = ("chosen_rewards", "rejected_rewards")
+# Default LM-head chunk (response positions per chunk). On CPU a 64 x 50k fp32 chunk stays below glibc's mmap
+# threshold, so its buffer is reused instead of page-faulted in afresh; on GPU larger chunks keep the device busy.
+CPU_CHUNK_SIZE, GPU_CHUNK_SIZE = 64, 1024
 
 
 @dataclass
@@ -98,7 +102,7 @@ def score_rows(rows, oracle, reference, pad_token_id: int, device, *, beta: floa
     out = {"chosen_rewards": [None] * len(rows), "rejected_rewards": [None] * len(rows)}
     stats = {"pairs": len(rows), "chosen_tokens": 0, "rejected_tokens": 0, "chosen_sum": 0.0, "rejected_sum": 0.0,
              "oracle_prefers_chosen": 0}
-    columns = [*PAIR_COLUMNS, "index"] if "index" in rows.column_names else list(PAIR_COLUMNS)
+    columns = [*TOKEN_COLUMNS, "index"] if "index" in rows.column_names else list(TOKEN_COLUMNS)
     # length-bucketed, not shuffled: sorted by length inside buckets, so little padding and a fixed order
     for positions in length_bucketed_batches(lengths, batch_size, shuffle=False):
         picked = rows.select_columns(columns)[positions]
@@ -131,8 +135,29 @@ def _response_tokens_per_row(ds):
     """Chosen + rejected response tokens of every row, read from Arrow without building Python lists."""
     import pyarrow.compute as pc
 
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
-    return sum(pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in PAIR_COLUMNS[1:])
+    table = arrow_table(ds)
+    return sum(pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in TOKEN_COLUMNS[1:])
+
+
+def check_context_length(pairs, model, role: str, name: str) -> None:
+    """Refuse sequences longer than the model's positions: a learned position table fails with an index error
+    deep in the forward, and a rotary model returns log-probs from positions it was never trained on."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not limit or len(pairs) == 0:
+        return
+    table = arrow_table(pairs)
+    prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False)
+                                for c in TOKEN_COLUMNS)
+    lengths = prompt + np.maximum(chosen, rejected)  # (rows,): the longer of the pair's two sequences
+    over = np.flatnonzero(lengths > limit)
+    if over.size:
+        raise SepoError(f"{over.size} pair(s) are longer than the {role} {name} can take ({limit} positions; the "
+                        f"longest is {int(lengths.max())} tokens, dataset row {int(over[0]) + 1} is the first). "
+                        f"Prepare the data again with --max-length {limit} (or lower), or pass --max-length {limit} "
+                        "when --data is a raw source")
 
 
 def _save_shard(folder: Path, start: int, result: dict) -> None:
@@ -179,17 +204,20 @@ def run(cfg: ScoreConfig):
     with accelerator.main_process_first():
         from sepo.data import load_pairs  # a sepo folder as it is, anything else read and tokenized now
 
-        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)
-    made_with = (data_metadata or {}).get("tokenizer_fingerprint")
-    if made_with and made_with != tokenizer_fingerprint(tokenizer):
-        raise SepoError(f"{cfg.data} was tokenized with another tokenizer ({data_metadata.get('tokenizer')}) than the "
-                        f"oracle's; prepare it again with the oracle's tokenizer ({cfg.oracle})")
-    pairs = pairs.remove_columns([c for c in REWARD_COLUMNS if c in pairs.column_names])
+        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)  # refuses another tokenizer's ids
+    # a scored or selected folder scored again: its old rewards and the masks chosen from them go
+    pairs = pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names])
 
-    # ---- 3. the work folder: one config, one partial run; finished shards are kept ----
+    # ---- 3. models (before the work folder: a refused input leaves nothing behind) ----
+    oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
+    reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
+    for role, name, model in (("oracle", cfg.oracle, oracle), ("reference", cfg.reference, reference)):
+        check_context_length(pairs, model, role, name)
+
+    # ---- 4. the work folder: one config, one partial run; finished shards are kept ----
     work = out.parent / f"{out.name}.partial"
     run_key = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "output")},
-                          dataset_fingerprint(pairs, PAIR_COLUMNS))
+                          dataset_fingerprint(pairs, TOKEN_COLUMNS))
     if accelerator.is_main_process:
         if (work / "run.json").is_file():
             previous = read_metadata_json(work / "run.json")
@@ -209,12 +237,8 @@ def run(cfg: ScoreConfig):
     if len(todo) < len(mine):
         log.info("resuming: %d of %d shards of this process already scored in %s", len(mine) - len(todo), len(mine), work)
 
-    # ---- 4. models ----
-    oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
-    reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
-
     # ---- 5. score the shards of this process, each written atomically ----
-    chunk_size = cfg.chunk_size or (1024 if accelerator.device.type == "cuda" else 64)
+    chunk_size = cfg.chunk_size or (GPU_CHUNK_SIZE if accelerator.device.type == "cuda" else CPU_CHUNK_SIZE)
     spans = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(pairs))) for s in range(num_shards)]
     tokens = _response_tokens_per_row(pairs)  # (rows,)
     total = int(sum(tokens[a:b].sum() for a, b in (spans[s] for s in todo)))
@@ -252,7 +276,7 @@ def run(cfg: ScoreConfig):
     }
     metadata = {
         "stage": "score", "sepo_version": __version__, "source": cfg.data, "oracle": cfg.oracle,
-        "reference": cfg.reference, "tokenizer": cfg.tokenizer or cfg.oracle,
+        "reference": cfg.reference, "tokenizer": recorded_name(cfg.tokenizer or cfg.oracle),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "beta": cfg.beta, "num_rows": len(merged),
         "stats": stats, "num_processes": accelerator.num_processes, "seconds": round(time.time() - started, 2),
         "config": to_dict(cfg), "data_metadata": data_metadata,

@@ -22,10 +22,17 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, magnitude_quantile, select
-from sepo.errors import ConfigError, SepoError
+from sepo.data.load import arrow_table
+from sepo.errors import ConfigError, DataError, SepoError
 from sepo.io import load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
+# rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python
+# lists held at once)
+PROJECTION_ROWS = 1024
+# tokens decoded before a token to find the text it adds: enough context for SentencePiece's leading space and
+# for a multi-byte character split over several byte tokens
+PIECE_CONTEXT = 4
 SCORED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_rewards", "rejected_rewards")
 
 
@@ -52,7 +59,7 @@ class SelectConfig:
         validate_choices(self)
         for name in ("chosen_ratio", "rejected_ratio", "threshold_quantile", "mass"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be a fraction in [0, 1] (0.3 means 30%), got {getattr(self, name)}")
         if self.threshold is not None and self.threshold < 0:
             raise ConfigError(f"threshold must be >= 0 (it is applied as r > tau and r < -tau), got {self.threshold}")
         if self.batch_rows < 1:
@@ -70,6 +77,28 @@ def flat_column(table, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64"))
     values = torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).copy())
     return values, lengths
+
+
+def check_token_aligned(table, folder: str, kinds: tuple[str, ...] = ("rewards",)) -> None:
+    """Refuse per-token columns (``chosen_rewards``, ``rejected_mask``...) whose length differs from their
+    response ids: selecting or displaying them would silently attach values to the wrong tokens."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    for side in SIDES:
+        ids = pc.list_value_length(table.column(f"{side}_input_ids")).to_numpy(zero_copy_only=False)
+        for name in (f"{side}_{kind}" for kind in kinds):
+            if name not in table.column_names:
+                continue
+            values = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(values != ids)
+            if bad.size:
+                i = int(bad[0])
+                raise DataError(
+                    f"{values[i]} entries for {ids[i]} tokens of {side}_input_ids ({bad.size} row(s) like this)",
+                    file=folder, row=i + 1, field=name,
+                    hint="the per-token values do not belong to these token ids (was the folder re-tokenized or "
+                         "edited?); score the pairs again with `sepo score`")
 
 
 def pad_rows(values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor):
@@ -119,8 +148,8 @@ def token_pieces(tokenizer, ids: list[int]) -> list[str]:
     leading spaces and multi-byte characters that single-token decoding would lose); "" where it adds none."""
     out = []
     for i in range(len(ids)):
-        before = tokenizer.decode(ids[max(0, i - 4) : i])
-        after = tokenizer.decode(ids[max(0, i - 4) : i + 1])
+        before = tokenizer.decode(ids[max(0, i - PIECE_CONTEXT) : i])
+        after = tokenizer.decode(ids[max(0, i - PIECE_CONTEXT) : i + 1])
         out.append(after[len(before):] if after.startswith(before) else "")
     return out
 
@@ -134,12 +163,13 @@ def project_to_policy(ds, oracle_tok, policy_tok) -> dict[str, list]:
         raise SepoError("the policy tokenizer has no EOS token; responses must end with one")
     cols: dict[str, list] = {c: [] for c in SCORED_COLUMNS}
     realigned = 0
-    for start in range(0, len(ds), 1024):  # tokenizer calls batched, Python lists for 1024 rows at a time
-        chunk = ds[start : start + 1024]
-        cols["prompt_input_ids"] += policy_tok(list(chunk["prompt"]))["input_ids"]
+    for start in range(0, len(ds), PROJECTION_ROWS):
+        chunk = ds[start : start + PROJECTION_ROWS]
+        cols["prompt_input_ids"] += policy_tok(list(chunk["prompt"]), verbose=False)["input_ids"]
         for side in SIDES:
             texts = list(chunk[side])
-            oracle_enc = oracle_tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+            # verbose=False: a response longer than the tokenizer's model_max_length is only being measured here
+            oracle_enc = oracle_tok(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             for n, text in enumerate(texts):
                 ids = chunk[f"{side}_input_ids"][n]
                 spans = align_spans(ids, oracle_enc["input_ids"][n], oracle_enc["offset_mapping"][n], special)
@@ -148,7 +178,7 @@ def project_to_policy(ds, oracle_tok, policy_tok) -> dict[str, list]:
                     spans = spans_from_pieces(pieces, text)
                     realigned += 1
                 end = max((e for _, e in spans), default=0)  # a response cut by max_length: only the scored text
-                enc = policy_tok(text[:end], add_special_tokens=False, return_offsets_mapping=True)
+                enc = policy_tok(text[:end], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
                 policy_spans = [*map(tuple, enc["offset_mapping"]), (end, end)]  # + the policy's EOS, no characters
                 rewards = torch.tensor(chunk[f"{side}_rewards"][n], dtype=torch.float64)
                 cols[f"{side}_input_ids"].append([*enc["input_ids"], eos])
@@ -177,17 +207,25 @@ def run(cfg: SelectConfig):
     # ---- 1. load scores ----
     ds, scores_meta = load_dataset_dir(cfg.scores, SCORED_COLUMNS, produced_by="sepo score")
     ds = ds.remove_columns([c for c in ("chosen_mask", "rejected_mask") if c in ds.column_names])
+    check_token_aligned(arrow_table(ds), cfg.scores)
     tokenizer_name, tokenizer_fp = scores_meta.get("tokenizer"), scores_meta.get("tokenizer_fingerprint")
 
     # ---- 2. cross-tokenizer: project the rewards onto the policy's tokens ----
     if cfg.policy_tokenizer:
-        oracle_tok = load_tokenizer(tokenizer_name or "")
+        if not tokenizer_name:
+            raise SepoError(f"{cfg.scores} records no scoring tokenizer (metadata 'tokenizer'), so its ids cannot be "
+                            "turned back into text for --policy-tokenizer; score the data again with `sepo score`")
+        oracle_tok = load_tokenizer(tokenizer_name)
         if tokenizer_fp and tokenizer_fingerprint(oracle_tok) != tokenizer_fp:
             raise SepoError(f"the tokenizer recorded in {cfg.scores} ({tokenizer_name}) no longer matches the "
                             "fingerprint it was scored with")
         policy_tok = load_tokenizer(cfg.policy_tokenizer)
-        if not (oracle_tok.is_fast and policy_tok.is_fast):
-            raise SepoError("cross-tokenizer selection needs fast tokenizers (character offset mappings)")
+        for role, name, tok in (("scoring", tokenizer_name, oracle_tok), ("policy", cfg.policy_tokenizer, policy_tok)):
+            if not tok.is_fast:  # a slow tokenizer silently returns no offset mapping
+                raise SepoError(f"the {role} tokenizer {name} ({type(tok).__name__}) is not a fast tokenizer, and "
+                                "cross-tokenizer selection needs the character offsets only fast ones give; save a "
+                                "fast version of it (a tokenizer.json, e.g. AutoTokenizer.from_pretrained(..., "
+                                "use_fast=True).save_pretrained(DIR)) and pass that folder")
         projected = project_to_policy(ds, oracle_tok, policy_tok)
         features = datasets.Features({
             **{c: datasets.List(datasets.Value("int64")) for c in SCORED_COLUMNS[:3]},
@@ -197,7 +235,7 @@ def run(cfg: SelectConfig):
         tokenizer_name, tokenizer_fp = cfg.policy_tokenizer, tokenizer_fingerprint(policy_tok)
 
     # ---- 3. tau for the threshold strategy ----
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+    table = arrow_table(ds)
     flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
     tau = cfg.threshold
     if cfg.strategy == "threshold" and tau is None:

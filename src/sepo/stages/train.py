@@ -1,6 +1,6 @@
 """`sepo train`: one explicit accelerate loop for sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo and sepo.
 
-    sepo train --config configs/train_sepo_tiny.yaml
+    sepo train --config configs/train_sepo.yaml
     sepo train --model stories260k --data runs/selected --loss sepo --output runs/policy gamma=2
     accelerate launch --config_file configs/accelerate/ddp.yaml -m sepo train --config ...
 
@@ -119,6 +119,27 @@ class TrainConfig:
         if self.subset is not None and self.subset <= 0:
             raise ConfigError("subset must be > 0 (a share <= 1 or a row count)")
         loss_kwargs(self)  # a hyper-parameter the loss does not take is an error, not a silent knob
+        check_hyper_parameter_values(self)
+
+
+def trains_on_selection(cfg: TrainConfig) -> bool:
+    """Whether the loss counts only the selected tokens (chosen_mask / rejected_mask): use_selection, else sepo."""
+    return cfg.use_selection if cfg.use_selection is not None else cfg.loss == "sepo"
+
+
+def check_hyper_parameter_values(cfg: TrainConfig) -> None:
+    """Values a loss cannot use are a ConfigError now, not a failure (or a silently inverted objective) at the first
+    step, after the reference cache was computed."""
+    if cfg.beta is not None and cfg.beta <= 0:
+        raise ConfigError(f"beta must be > 0 (got {cfg.beta}); a negative beta inverts the preference")
+    if cfg.label_smoothing is not None and not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing is a label-flip rate and must be in [0, 0.5) (got {cfg.label_smoothing})")
+    if cfg.alpha is not None and cfg.alpha < 0:
+        raise ConfigError(f"alpha must be >= 0 (got {cfg.alpha})")
+    if cfg.gamma is not None and cfg.loss == "sepo" and cfg.gamma <= 0:
+        raise ConfigError(f"gamma scales sepo's reward and must be > 0 (got {cfg.gamma})")
+    if cfg.gamma is not None and cfg.gamma < 0:
+        raise ConfigError(f"gamma is simpo's target margin and must be >= 0 (got {cfg.gamma})")
 
 
 def loss_kwargs(cfg: TrainConfig) -> dict:
@@ -152,9 +173,8 @@ def compute_loss(cfg: TrainConfig, model, ref_model, batch, hyper: dict, full_lo
     from sepo.models import response_log_probs, response_log_probs_and_kl
 
     fn = LOSSES[cfg.loss]
-    selection = cfg.use_selection if cfg.use_selection is not None else cfg.loss == "sepo"
     weights = batch.response_mask.float()  # (N, R)
-    if selection:
+    if trains_on_selection(cfg):
         weights = weights * batch.token_weights  # only the selected tokens count ...
     extra: dict = {}
     if cfg.loss in NEEDS_REFERENCE_MODEL:
@@ -205,6 +225,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import DistributedType, set_seed
     from transformers import get_scheduler
 
+    from sepo.data import load_pairs
     from sepo.data.collate import collate_pairs, length_bucketed_batches
     from sepo.models import (
         LoraSettings,
@@ -221,54 +242,56 @@ def run(cfg: TrainConfig) -> TrainResult:
     started = time.time()
     out = Path(cfg.output)
     hyper = loss_kwargs(cfg)
-    selection = cfg.use_selection if cfg.use_selection is not None else cfg.loss == "sepo"
+    selection = trains_on_selection(cfg)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=cfg.mixed_precision, log_with=cfg.log_with or None, project_dir=str(out))
     set_seed(cfg.seed)
     if cfg.chunk_size is None:
         cfg = dataclasses.replace(cfg, chunk_size=1024 if accelerator.device.type == "cuda" else 64)
 
-    # ---- 1. the output folder: fresh, or resumed from its latest checkpoint ----
+    # ---- 1. the output folder: fresh, or resumed from its latest checkpoint (touched only once the inputs check out)
     run_key = fingerprint({k: v for k, v in to_dict(cfg).items()
                            if k not in ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps")})
-    checkpoint = tu.checkpoint_dirs(out)[-1] if cfg.resume and tu.checkpoint_dirs(out) else None
+    checkpoints = tu.checkpoint_dirs(out) if cfg.resume else []
+    checkpoint = checkpoints[-1] if checkpoints else None
     if checkpoint is not None and json.loads((checkpoint / tu.STATE_FILE).read_text())["run_key"] != run_key:
         if not cfg.overwrite:
             raise SepoError(f"{checkpoint} is from another config or data; rerun with the same settings to resume, or "
                             "pass --overwrite to start again")
         checkpoint = None
-    if checkpoint is None and out.exists() and any(out.iterdir()):
+    clear_output = checkpoint is None and out.exists() and any(out.iterdir())
+    if clear_output:
         if not (cfg.overwrite or cfg.resume):
             raise SepoError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
         ours = {tu.CHECKPOINTS, "train_log.jsonl", "sepo_metadata.json", "config.json"}
         if not ours & {p.name for p in out.iterdir()}:  # never delete a folder a training run did not write
             raise SepoError(f"{out} exists and was not written by sepo train; choose another --output")
-        if accelerator.is_main_process:
-            shutil.rmtree(out)
-    accelerator.wait_for_everyone()
-    out.mkdir(parents=True, exist_ok=True)
 
     # ---- 2. tokenizer and data: the selection must have been made with the policy's tokenizer ----
     tokenizer = load_tokenizer(cfg.model)
+    for source in (cfg.data, cfg.eval_data):
+        if source:
+            tu.check_data_tokenizer(source, tokenizer, cfg.model)
     with accelerator.main_process_first():
-        pairs, data_meta = tu.load_training_pairs(cfg.data, tokenizer, cfg.data_options)
-        eval_pairs = tu.load_training_pairs(cfg.eval_data, tokenizer, cfg.data_options)[0] if cfg.eval_data else None
-    made_with = (data_meta or {}).get("tokenizer_fingerprint")
-    if made_with and made_with != tokenizer_fingerprint(tokenizer):
-        raise SepoError(f"{cfg.data} was tokenized (and its tokens selected) with tokenizer {data_meta.get('tokenizer')!r}"
-                        f", not the policy's ({cfg.model}); select again with `sepo select --policy-tokenizer "
-                        f"{cfg.model}` so the masks line up with the policy's token ids")
+        pairs, data_meta = load_pairs(cfg.data, tokenizer, cfg.data_options)
+        eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.data_options)[0] if cfg.eval_data else None
     pairs = tu.take_subset(pairs, cfg.subset, cfg.seed)
     if eval_pairs is None and cfg.eval_size:
         pairs, eval_pairs = tu.split_eval(pairs, cfg.eval_size, cfg.seed)
     tu.check_pairs(pairs, cfg.data, needs_selection=selection)
     if eval_pairs is not None:
         tu.check_pairs(eval_pairs, cfg.eval_data or cfg.data, needs_selection=selection)
-
-    # ---- 3. reference log-probs: computed once, cached beside the data; the reference then leaves memory ----
     reference = cfg.reference or cfg.model
     if cfg.loss in NEEDS_REFERENCE:
         check_same_vocabulary(load_tokenizer(reference), tokenizer, "reference", "policy")
+
+    # the inputs are usable: only now is an old run replaced (a bad input must not cost the user their last run)
+    if clear_output and accelerator.is_main_process:
+        shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- 3. reference log-probs: computed once, cached beside the data; the reference then leaves memory ----
     if cfg.loss in NEEDS_REFERENCE and cfg.loss not in NEEDS_REFERENCE_MODEL:
         for name, part in (("train", pairs), ("eval", eval_pairs)):
             if part is None:
@@ -345,13 +368,18 @@ def run(cfg: TrainConfig) -> TrainResult:
         accelerator.log(values, step=step)
 
     # ---- 6. the loop: micro-batch m of the flat stream over epochs; an optimizer step every accumulation ----
+    # sft trains on the chosen half only: a rejected reward of 0, and the accuracy/margin against it, mean nothing
+    unlogged = ("rewards/rejected", "rewards/accuracy", "rewards/margin") if cfg.loss == "sft" else ()
     window: dict[str, float] = {}
     window_n, tokens, tick = 0, 0, time.time()
     final_loss, step_losses, metrics = float("nan"), [], dict(state.get("metrics", {}))
+    epoch_batches, batches_epoch = [], None  # the batch order of the current epoch, computed once per epoch
     for m in range(step * cfg.gradient_accumulation_steps, total_steps * cfg.gradient_accumulation_steps):
         epoch, b = divmod(m, micro_per_epoch)
-        epoch_batches = length_bucketed_batches(lengths, global_batch, seed=cfg.seed + epoch,
-                                                drop_last=accelerator.num_processes > 1)
+        if epoch != batches_epoch:
+            epoch_batches = length_bucketed_batches(lengths, global_batch, seed=cfg.seed + epoch,
+                                                    drop_last=accelerator.num_processes > 1)
+            batches_epoch = epoch
         positions = epoch_batches[b][accelerator.process_index :: accelerator.num_processes]
         batch = collate(pairs, positions).to(accelerator.device)
         with accelerator.accumulate(model):
@@ -366,11 +394,14 @@ def run(cfg: TrainConfig) -> TrainResult:
                                 f"after it{f'; the last good checkpoint is {last[-1]}' if last else ''}")
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
+                # once per optimizer step, but the window is averaged over micro-batches: scale to compensate
                 window["grad_norm"] = window.get("grad_norm", 0.0) + float(
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) * cfg.gradient_accumulation_steps
             optimizer.step()
             optimizer.zero_grad()
         for k, v in result.metrics().items():
+            if k in unlogged:
+                continue
             window[k] = window.get(k, 0.0) + v
         window_n += 1
         tokens += int(batch.attention_mask.sum())

@@ -29,12 +29,27 @@ STATE_FILE = "train_state.json"
 # --------------------------------------------------------------------------- data
 
 
-def load_training_pairs(data: str, tokenizer, options):
-    """Tokenized pairs through the data layer: a sepo dataset folder as it is (extra columns kept, tokenizer
-    checked), anything else read and tokenized now. -> (Dataset, metadata)"""
-    from sepo.data import load_pairs
+def check_data_tokenizer(data: str, tokenizer, policy: str) -> None:
+    """A sepo dataset folder must have been tokenized (and its tokens selected) with the policy's tokenizer.
 
-    return load_pairs(data, tokenizer, options)
+    Checked before the data layer loads it, so a selection made for another tokenizer gets the fix that keeps its
+    rewards (`sepo select --policy-tokenizer`), not a re-preparation that would drop them."""
+    from sepo.io import read_metadata
+    from sepo.models import tokenizer_fingerprint
+
+    if not (Path(data) / METADATA_FILE).is_file():
+        return  # raw data: the data layer tokenizes it now, with this tokenizer
+    meta = read_metadata(data)
+    made_with = meta.get("tokenizer_fingerprint")
+    if made_with is None or made_with == tokenizer_fingerprint(tokenizer):
+        return
+    if meta.get("stage") == "select":
+        fix = (f"select again for the policy's tokens: sepo select --scores {meta.get('source') or 'SCORES'} "
+               f"--policy-tokenizer {policy} --output NEW_DIR")
+    else:
+        fix = f"prepare it again: sepo data prepare {meta.get('source') or 'SOURCE'} --tokenizer {policy} --output NEW_DIR"
+    raise SepoError(f"{data} was tokenized with tokenizer {meta.get('tokenizer')!r}, not the policy's ({policy}): its "
+                    f"token ids (and masks) would mean other tokens; {fix}")
 
 
 def take_subset(ds, size: float | None, seed: int):
@@ -71,9 +86,10 @@ def check_pairs(ds, source: str, *, needs_selection: bool) -> None:
     import numpy as np
     import pyarrow.compute as pc
 
-    for side in ("chosen", "rejected"):
-        if len(ds) and (_list_lengths(ds, f"{side}_input_ids") == 0).any():
-            bad = int(np.flatnonzero(_list_lengths(ds, f"{side}_input_ids") == 0)[0])
+    ids_lengths = {side: _list_lengths(ds, f"{side}_input_ids") for side in ("chosen", "rejected")}
+    for side, lengths in ids_lengths.items():
+        if (lengths == 0).any():
+            bad = int(np.flatnonzero(lengths == 0)[0])
             raise DataError("empty response", file=source, row=_row_name(ds, bad), field=f"{side}_input_ids",
                             hint="every response needs at least one token (its EOS); prepare the data again")
     if needs_selection and not all(c in ds.column_names for c in MASK_COLUMNS):
@@ -82,7 +98,7 @@ def check_pairs(ds, source: str, *, needs_selection: bool) -> None:
     for side, column in zip(("chosen", "rejected"), MASK_COLUMNS):
         if column not in ds.column_names:
             continue
-        ids_len, mask_len = _list_lengths(ds, f"{side}_input_ids"), _list_lengths(ds, column)
+        ids_len, mask_len = ids_lengths[side], _list_lengths(ds, column)
         if (ids_len != mask_len).any():
             bad = int(np.flatnonzero(ids_len != mask_len)[0])
             raise DataError(f"{column} has {mask_len[bad]} entries but {side}_input_ids has {ids_len[bad]} tokens",
