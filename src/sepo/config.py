@@ -210,6 +210,13 @@ def load_yaml(path: str | Path) -> dict:
 def apply_override(data: dict, key: str, value: Any, cls: type) -> None:
     """Set a dotted ``key`` in nested ``data``, checking every part of the key against ``cls``."""
     parts = key.split(".")
+    if len(parts) == 1 and parts[0] not in _fields(cls):
+        # `max_length=256` means `data_options.max_length=256` when exactly one section has that field,
+        # the same rule that gives section fields their flat --flags
+        owners = [name for name, f in _fields(cls).items()
+                  if _is_config(_strip_optional(f.type)[0]) and parts[0] in _fields(_strip_optional(f.type)[0])]
+        if len(owners) == 1:
+            parts = [owners[0], parts[0]]
     node, tp = data, cls
     for i, part in enumerate(parts):
         fields = _fields(tp)

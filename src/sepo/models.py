@@ -46,6 +46,16 @@ def resolve_dtype(name: str):
     return dtype
 
 
+def _refuse_missing_local_path(kind: str, name: str) -> None:
+    """A name that can only be a local path (hub ids are `name` or `org/name`) and does not exist: say so now,
+    instead of after transformers has retried the hub for it."""
+    looks_local = (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+                   or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))  # runs/oracle, data/x
+    if looks_local and not Path(name).expanduser().exists():
+        raise SepoError(f"{kind} '{name}' does not exist: it is a local path (not a hub id `org/name`); check the "
+                        "path, or train / download the model there first")
+
+
 def _load_error(kind: str, name: str, err: Exception) -> SepoError:
     local = Path(name).exists()
     hint = ("the folder exists but is not a complete Hugging Face checkpoint (config.json, weights, tokenizer files)"
@@ -58,6 +68,7 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     from transformers import AutoTokenizer
 
     name_or_path = resolve_path(name_or_path)
+    _refuse_missing_local_path("tokenizer", name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
@@ -78,6 +89,23 @@ def ensure_pad_token(tokenizer):
                       f"{tokenizer.convert_tokens_to_ids(token)}) for padding", stacklevel=2)
         tokenizer.pad_token = token
     return tokenizer
+
+
+def context_limit(config) -> int | None:
+    """How many positions a model takes, from its config (None where the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (no weights): cheap checks before anything heavy runs."""
+    from transformers import AutoConfig
+
+    name_or_path = resolve_path(name_or_path)
+    _refuse_missing_local_path("model", name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_error("model", name_or_path, e) from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -111,6 +139,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     name_or_path = resolve_path(name_or_path)
+    _refuse_missing_local_path("model", name_or_path)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -222,6 +251,6 @@ def check_same_vocabulary(tok_a, tok_b, name_a: str, name_b: str) -> None:
     """Refuse two tokenizers whose ids do not mean the same tokens."""
     if tokenizer_fingerprint(tok_a) != tokenizer_fingerprint(tok_b):
         raise SepoError(
-            f"{name_a} and {name_b} have different vocabularies ({len(tok_a)} vs {len(tok_b)} tokens); token-level "
-            "rewards need one tokenizer. Score with an oracle/reference pair that shares a tokenizer, and use "
-            "`sepo select --policy-tokenizer` to carry the rewards over to a policy with another tokenizer.")
+            f"{name_a} and {name_b} have different vocabularies ({len(tok_a)} vs {len(tok_b)} tokens), so the same "
+            f"token id means different tokens to them; give a {name_b} that shares the {name_a}'s tokenizer. (Token "
+            "rewards can still reach a policy with another tokenizer: `sepo select --policy-tokenizer`.)")

@@ -78,7 +78,7 @@ def test_prepare_writes_tokenized_pairs_and_metadata(llmbar_dir, gpt2_tokenizer_
     # load_pairs: the prepared folder as it is; another tokenizer is refused with what to do
     again, again_meta = load_pairs(str(out_dir), tok, DataOptions())
     assert list(again["chosen_input_ids"]) == list(ds["chosen_input_ids"]) and again_meta["format"] == "llmbar"
-    with pytest.raises(SepoError, match="not with this tokenizer.*Re-prepare it: sepo data prepare"):
+    with pytest.raises(SepoError, match="not with this tokenizer.*re-prepare it: sepo data prepare"):
         load_pairs(str(out_dir), build_tokenizer("stories260k"), DataOptions())
 
     # a later stage's folder (same columns plus more) keeps its extra columns
@@ -86,6 +86,9 @@ def test_prepare_writes_tokenized_pairs_and_metadata(llmbar_dir, gpt2_tokenizer_
     save_dataset(scored, tmp_path / "scored", {**meta, "stage": "score"})
     loaded, _ = load_pairs(str(tmp_path / "scored"), tok, DataOptions())
     assert "chosen_rewards" in loaded.column_names
+    # ... and for scored data another tokenizer is pointed at projection, which keeps the rewards
+    with pytest.raises(SepoError, match="carry the rewards over: sepo select --scores .* --policy-tokenizer"):
+        load_pairs(str(tmp_path / "scored"), build_tokenizer("stories260k"), DataOptions())
 
     # an existing output is not replaced without --overwrite
     assert main(["data", "prepare", str(llmbar_dir), "--tokenizer", "stories260k", "--output", str(out_dir)]) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from sepo.core.losses import LOSSES
 from sepo.errors import DataError, SepoError
@@ -204,7 +205,13 @@ def test_bad_input_fails_clearly_and_writes_nothing(micro, toy, tmp_path):
     with pytest.raises(SepoError, match=r"tokenized .*gpt2.*not the policy's.*sepo select --scores .* "
                                         r"--policy-tokenizer"):
         train.run(cfg(micro, other, tmp_path / "d"))
-    for name in "abcd":
+    # longer than the policy's positions: refused up front, not an index error inside the forward
+    limit = AutoConfig.from_pretrained(str(micro)).max_position_embeddings
+    long = _variant(toy, tmp_path / "long", lambda r, i: {"chosen_input_ids": r["chosen_input_ids"] * limit,
+                                                          "chosen_mask": r["chosen_mask"] * limit} if i == 5 else {})
+    with pytest.raises(SepoError, match=rf"1 pair\(s\) are longer than the policy .* can take \({limit} positions"):
+        train.run(cfg(micro, long, tmp_path / "e"))
+    for name in "abcde":
         assert not (tmp_path / name).exists(), f"a failed run left {name}/ behind"
 
     # --overwrite with a bad input must not have deleted the previous run first

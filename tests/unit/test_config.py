@@ -48,6 +48,14 @@ def test_positional_flags_and_nested_flat_flags():
     assert parse_cli(Toy, ["--no-quick"], "t").quick is False
 
 
+def test_a_section_field_by_its_bare_key_when_unambiguous():
+    """`max_length=64` reaches data_options.max_length (only that section has it), as --max-length does."""
+    cfg = parse_cli(Toy, ["max_length=64", "learning_rate=0.5"], "t")
+    assert cfg.data_options.max_length == 64 and cfg.train.learning_rate == 0.5
+    with pytest.raises(ConfigError, match="max_lenght"):
+        parse_cli(Toy, ["max_lenght=64"], "t")
+
+
 def test_yaml_as_first_positional(tmp_path):
     yml = tmp_path / "run.yaml"
     yml.write_text("steps: 3\n")

@@ -58,8 +58,10 @@ def test_pad_token_is_assigned_loudly_from_the_tokenizer():
 def test_missing_model_and_tokenizer_give_clear_errors(tmp_path):
     with pytest.raises(SepoError, match="could not load model"):
         load_causal_lm(str(tmp_path))
-    with pytest.raises(SepoError, match="could not load tokenizer"):
+    with pytest.raises(SepoError, match="does not exist: it is a local path"):  # refused before any hub retry
         load_tokenizer(str(tmp_path / "absent"))
+    with pytest.raises(SepoError, match="could not load tokenizer"):
+        load_tokenizer(str(tmp_path))  # exists, but holds no tokenizer files
     with pytest.raises(SepoError, match="unknown dtype"):
         load_causal_lm("stories260k", dtype="fp8")
 

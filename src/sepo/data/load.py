@@ -155,11 +155,16 @@ def load_pairs(data: str, tokenizer, options: DataOptions):
             log.warning("%s records no tokenizer_fingerprint: cannot check its token ids match this tokenizer", data)
         elif stored != current:
             made_with = metadata.get("tokenizer") or "an unrecorded tokenizer"
+            name = getattr(tokenizer, "name_or_path", "TOKENIZER")
+            if "chosen_rewards" in dataset.column_names:
+                # re-preparing would drop the token rewards; projecting them keeps them
+                fix = f"carry the rewards over: sepo select --scores {data} --policy-tokenizer {name} --output NEW_DIR"
+            else:
+                fix = (f"re-prepare it: sepo data prepare {metadata.get('source') or 'SOURCE'} --tokenizer {name} "
+                       "--output NEW_DIR")
             raise SepoError(
                 f"{data} was tokenized with {made_with} (fingerprint {stored}), not with this tokenizer "
-                f"({getattr(tokenizer, 'name_or_path', '?')}, fingerprint {current}); its token ids would mean "
-                f"other tokens. Re-prepare it: sepo data prepare {metadata.get('source') or 'SOURCE'} --tokenizer "
-                f"{getattr(tokenizer, 'name_or_path', 'TOKENIZER')} --output NEW_DIR")
+                f"({name}, fingerprint {current}); its token ids would mean other tokens. To use it, {fix}")
         return dataset, metadata
     raw = load_preference_data(data, options)
     tokenized = tokenize_pairs(raw.dataset, tokenizer, options, source=raw.source)
@@ -178,6 +183,27 @@ def arrow_table(dataset):
     """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
     applied first), for column-wise reads with no Python lists."""
     return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
+
+
+def check_context_length(pairs, limit: int | None, role: str, name: str) -> None:
+    """Refuse sequences longer than the model's positions: a learned position table fails with an index error
+    deep in the forward, and a rotary model returns log-probs from positions it was never trained on.
+    ``limit``: the model's positions (``sepo.models.context_limit``); None: not known, nothing checked."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if not limit or len(pairs) == 0:
+        return
+    table = arrow_table(pairs)
+    prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False)
+                                for c in TOKEN_COLUMNS)
+    lengths = prompt + np.maximum(chosen, rejected)  # (rows,): the longer of the pair's two sequences
+    over = np.flatnonzero(lengths > limit)
+    if over.size:
+        raise SepoError(f"{over.size} pair(s) are longer than the {role} {name} can take ({limit} positions; the "
+                        f"longest is {int(lengths.max())} tokens, dataset row {int(over[0]) + 1} is the first). "
+                        f"Prepare the data again with --max-length {limit} (or lower), or pass --max-length {limit} "
+                        "when --data is a raw source")
 
 
 def _unstorable_columns(records: list[dict]) -> list[str]:

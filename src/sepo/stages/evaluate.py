@@ -118,6 +118,12 @@ def run(cfg: EvalConfig) -> dict:
     pairs = load_eval_pairs(cfg.data, tok, cfg.data_options)
     if cfg.max_pairs is not None:
         pairs = pairs.select(range(min(cfg.max_pairs, len(pairs))))
+    from sepo.data.load import check_context_length
+    from sepo.models import context_limit
+
+    for role, name, model in (("model", cfg.model, policy), ("reference", cfg.reference, reference)):
+        if model is not None:
+            check_context_length(pairs, context_limit(model.config), role, name)
 
     # ------------------------------------------------------------------ preference accuracy
     if len(pairs):

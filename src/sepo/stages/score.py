@@ -25,7 +25,7 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
-from sepo.data.load import arrow_table, recorded_name
+from sepo.data.load import arrow_table, check_context_length, recorded_name
 from sepo.data.options import DataOptions
 from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, SepoError
@@ -139,27 +139,6 @@ def _response_tokens_per_row(ds):
     return sum(pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in TOKEN_COLUMNS[1:])
 
 
-def check_context_length(pairs, model, role: str, name: str) -> None:
-    """Refuse sequences longer than the model's positions: a learned position table fails with an index error
-    deep in the forward, and a rotary model returns log-probs from positions it was never trained on."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if not limit or len(pairs) == 0:
-        return
-    table = arrow_table(pairs)
-    prompt, chosen, rejected = (pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False)
-                                for c in TOKEN_COLUMNS)
-    lengths = prompt + np.maximum(chosen, rejected)  # (rows,): the longer of the pair's two sequences
-    over = np.flatnonzero(lengths > limit)
-    if over.size:
-        raise SepoError(f"{over.size} pair(s) are longer than the {role} {name} can take ({limit} positions; the "
-                        f"longest is {int(lengths.max())} tokens, dataset row {int(over[0]) + 1} is the first). "
-                        f"Prepare the data again with --max-length {limit} (or lower), or pass --max-length {limit} "
-                        "when --data is a raw source")
-
-
 def _save_shard(folder: Path, start: int, result: dict) -> None:
     import datasets
 
@@ -184,7 +163,13 @@ def run(cfg: ScoreConfig):
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from sepo.models import check_same_vocabulary, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from sepo.models import (
+        check_same_vocabulary,
+        context_limit,
+        load_causal_lm,
+        load_tokenizer,
+        tokenizer_fingerprint,
+    )
 
     if not (cfg.oracle and cfg.reference and cfg.data):
         raise ConfigError("sepo score needs --oracle, --reference and --data")
@@ -212,7 +197,7 @@ def run(cfg: ScoreConfig):
     oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     for role, name, model in (("oracle", cfg.oracle, oracle), ("reference", cfg.reference, reference)):
-        check_context_length(pairs, model, role, name)
+        check_context_length(pairs, context_limit(model.config), role, name)
 
     # ---- 4. the work folder: one config, one partial run; finished shards are kept ----
     work = out.parent / f"{out.name}.partial"

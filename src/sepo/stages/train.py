@@ -227,10 +227,13 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     from sepo.data import load_pairs
     from sepo.data.collate import collate_pairs, length_bucketed_batches
+    from sepo.data.load import check_context_length
     from sepo.models import (
         LoraSettings,
         check_same_vocabulary,
+        context_limit,
         load_causal_lm,
+        load_model_config,
         load_tokenizer,
         selective_head_supported,
         tokenizer_fingerprint,
@@ -281,6 +284,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     tu.check_pairs(pairs, cfg.data, needs_selection=selection)
     if eval_pairs is not None:
         tu.check_pairs(eval_pairs, cfg.eval_data or cfg.data, needs_selection=selection)
+    limit = context_limit(load_model_config(cfg.model))
+    for part in (pairs, eval_pairs):
+        if part is not None:
+            check_context_length(part, limit, "policy", cfg.model)
     reference = cfg.reference or cfg.model
     if cfg.loss in NEEDS_REFERENCE:
         check_same_vocabulary(load_tokenizer(reference), tokenizer, "reference", "policy")

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from sepo.data.load import arrow_table
+from sepo.data.tokenize import TOKEN_COLUMNS
 from sepo.errors import DataError, SepoError
 from sepo.io import METADATA_FILE, atomic_dir, fingerprint, load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
-PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+PAIR_COLUMNS = TOKEN_COLUMNS  # the token-id columns every pair has
 MASK_COLUMNS = ("chosen_mask", "rejected_mask")
 REF_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")
 CHECKPOINTS = "checkpoints"
@@ -72,7 +74,7 @@ def split_eval(ds, size: float, seed: int):
 def _list_lengths(ds, column: str):
     import pyarrow.compute as pc
 
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+    table = arrow_table(ds)
     return pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
 
 
@@ -105,7 +107,7 @@ def check_pairs(ds, source: str, *, needs_selection: bool) -> None:
                             file=source, row=_row_name(ds, bad), field=column,
                             hint="the selection was made for other token ids; run `sepo select` again on this data")
         if needs_selection:
-            table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+            table = arrow_table(ds)
             flat = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False).astype(np.int64)
             offsets = np.concatenate([[0], np.cumsum(mask_len)])
             selected = np.add.reduceat(flat, offsets[:-1]) if len(flat) else np.zeros(len(ds), dtype=np.int64)
