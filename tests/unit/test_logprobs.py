@@ -85,3 +85,22 @@ def test_selective_head_matches_full_logits_at_vocab_50k(tiny_llama_gpt2, chunk_
         assert_close(sel, full, atol=1e-5, rtol=1e-5)
         assert_close(sel_grad, full_grad, atol=1e-5, rtol=1e-4)
     assert (sel[~selected] == 0).all() and (sel[selected & batch.response_mask] != 0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_tiled_inference_head_equals_log_softmax_across_tile_edges(bias):
+    """Without autograd, a bias-free linear head is reduced VOCAB_TILE columns at a time (log-sum-exp of the
+    tiles' log-sum-exps); a head with a bias takes the one-matmul path. Both must equal log_softmax + gather,
+    with targets on both sides of every tile edge and in the short last tile."""
+    from sepo.core.logprobs import VOCAB_TILE, rows_log_probs
+
+    torch.manual_seed(0)
+    vocab = 2 * VOCAB_TILE + 5
+    head = torch.nn.Linear(16, vocab, bias=bias)
+    rows = torch.randn(70, 16) * 3
+    edges = [0, VOCAB_TILE - 1, VOCAB_TILE, 2 * VOCAB_TILE - 1, 2 * VOCAB_TILE, vocab - 1]
+    targets = torch.tensor(edges * 11 + edges[:4])  # (70,)
+    with torch.no_grad():
+        expected = torch.log_softmax(head(rows), -1).gather(-1, targets[:, None]).squeeze(-1)
+        got = rows_log_probs(head, rows, targets, chunk_size=32)  # 3 chunks, the last one short
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
