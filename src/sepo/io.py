@@ -106,13 +106,19 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def arrow_table(dataset):
+    """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
+    applied first), for column-wise reads with no Python lists."""
+    return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
+
+
 def dataset_fingerprint(ds, columns: Iterable[str]) -> str:
     """Hash of the token-id list columns of every row, in order: results keyed by it (a resumed score run,
     a reference log-prob cache) belong to exactly these rows."""
     import pyarrow.compute as pc
 
     h = hashlib.sha256(str(len(ds)).encode())
-    table = (ds.flatten_indices() if ds._indices is not None else ds).data.table
+    table = arrow_table(ds)
     for name in columns:
         column = table.column(name)
         h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())

@@ -21,6 +21,7 @@ from sepo.data.options import DataOptions
 from sepo.data.sources import INVALID_HINT, read_source
 from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS, tokenize_pairs
 from sepo.errors import DataError, SepoError
+from sepo.io import arrow_table
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +178,6 @@ def recorded_name(name_or_path: str) -> str:
     ``stories260k`` alias as given."""
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else name_or_path
-
-
-def arrow_table(dataset):
-    """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
-    applied first), for column-wise reads with no Python lists."""
-    return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
 
 
 def check_context_length(pairs, limit: int | None, role: str, name: str) -> None:

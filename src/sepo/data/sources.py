@@ -114,6 +114,18 @@ def _read_file(path: Path, table: SourceTable, skip_invalid: bool, *, name: str 
         raise SepoError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} or a datasets folder")
 
 
+def _add_record(table: SourceTable, record, label: str, number: int, skip_invalid: bool) -> None:
+    """Append one parsed JSON value as a row; anything but an object is an invalid row."""
+    if not isinstance(record, dict):
+        if skip_invalid:
+            table.skipped["not_an_object"] += 1
+            return
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", file=label, row=number,
+                        hint=INVALID_HINT)
+    table.rows.append(record)
+    table.locations.append(Location(label, number))
+
+
 def _read_json_lines(data: bytes, table: SourceTable, label: str, skip_invalid: bool) -> None:
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
@@ -133,14 +145,7 @@ def _read_json_lines(data: bytes, table: SourceTable, label: str, skip_invalid: 
                 continue
             raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=label, row=number,
                             hint="each line must be one complete JSON object; " + INVALID_HINT) from None
-        if not isinstance(record, dict):
-            if skip_invalid:
-                table.skipped["not_an_object"] += 1
-                continue
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", file=label, row=number,
-                            hint=INVALID_HINT)
-        table.rows.append(record)
-        table.locations.append(Location(label, number))
+        _add_record(table, record, label, number, skip_invalid)
 
 
 def _read_json(data: bytes, table: SourceTable, label: str, skip_invalid: bool) -> None:
@@ -168,14 +173,7 @@ def _read_json(data: bytes, table: SourceTable, label: str, skip_invalid: bool) 
     if not isinstance(value, list):
         raise DataError(f"expected a JSON array of objects, got {type(value).__name__}", file=label)
     for number, record in enumerate(value, start=1):
-        if not isinstance(record, dict):
-            if skip_invalid:
-                table.skipped["not_an_object"] += 1
-                continue
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", file=label, row=number,
-                            hint=INVALID_HINT)
-        table.rows.append(record)
-        table.locations.append(Location(label, number))
+        _add_record(table, record, label, number, skip_invalid)
 
 
 def _read_parquet(path: Path, table: SourceTable, label: str) -> None:

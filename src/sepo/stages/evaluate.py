@@ -33,7 +33,6 @@ from sepo.evaluation import (
 from sepo.io import atomic_dir, atomic_write_json, write_metadata
 
 log = logging.getLogger(__name__)
-PAIR_COLUMNS = ("prompt", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 @dataclass

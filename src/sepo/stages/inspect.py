@@ -23,9 +23,8 @@ from sepo import __version__
 from sepo.config import option, to_dict
 from sepo.core.rewards import concentration, concentration_curve, pair_contributions
 from sepo.core.selection import SIDES
-from sepo.data.load import arrow_table
 from sepo.errors import ConfigError, SepoError
-from sepo.io import atomic_dir, load_dataset_dir, write_metadata
+from sepo.io import arrow_table, atomic_dir, load_dataset_dir, write_metadata
 from sepo.stages.select import check_token_aligned, flat_column, pad_rows, token_pieces
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,13 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
-from sepo.data.load import arrow_table, check_context_length, recorded_name
+from sepo.data.load import check_context_length, recorded_name
 from sepo.data.options import DataOptions
 from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, SepoError
 from sepo.io import (
     METADATA_FILE,
+    arrow_table,
     atomic_write_json,
     dataset_fingerprint,
     fingerprint,

@@ -22,9 +22,8 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, magnitude_quantile, select
-from sepo.data.load import arrow_table
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.io import load_dataset_dir, save_dataset
+from sepo.io import arrow_table, load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
 # rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python

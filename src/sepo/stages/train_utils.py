@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from sepo.data.load import arrow_table
 from sepo.data.tokenize import TOKEN_COLUMNS
 from sepo.errors import DataError, SepoError
-from sepo.io import METADATA_FILE, atomic_dir, fingerprint, load_dataset_dir, save_dataset
+from sepo.io import METADATA_FILE, arrow_table, atomic_dir, fingerprint, load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = TOKEN_COLUMNS  # the token-id columns every pair has
