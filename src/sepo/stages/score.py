@@ -23,6 +23,7 @@ import torch
 
 from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
+from sepo.core.logprobs import default_chunk_size
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
 from sepo.data.load import check_context_length, recorded_name
@@ -42,9 +43,6 @@ from sepo.io import (
 
 log = logging.getLogger(__name__)
 REWARD_COLUMNS = ("chosen_rewards", "rejected_rewards")
-# Default LM-head chunk (response positions per chunk). On CPU a 64 x 50k fp32 chunk stays below glibc's mmap
-# threshold, so its buffer is reused instead of page-faulted in afresh; on GPU larger chunks keep the device busy.
-CPU_CHUNK_SIZE, GPU_CHUNK_SIZE = 64, 1024
 
 
 @dataclass
@@ -224,7 +222,7 @@ def run(cfg: ScoreConfig):
         log.info("resuming: %d of %d shards of this process already scored in %s", len(mine) - len(todo), len(mine), work)
 
     # ---- 5. score the shards of this process, each written atomically ----
-    chunk_size = cfg.chunk_size or (GPU_CHUNK_SIZE if accelerator.device.type == "cuda" else CPU_CHUNK_SIZE)
+    chunk_size = cfg.chunk_size or default_chunk_size(accelerator.device)
     spans = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(pairs))) for s in range(num_shards)]
     tokens = _response_tokens_per_row(pairs)  # (rows,)
     total = int(sum(tokens[a:b].sum() for a, b in (spans[s] for s in todo)))

@@ -29,6 +29,7 @@ import torch
 
 from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
+from sepo.core.logprobs import default_chunk_size
 from sepo.core.losses import LOSSES, NEEDS_REFERENCE, NEEDS_REFERENCE_MODEL, LossOutput
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
@@ -250,7 +251,7 @@ def run(cfg: TrainConfig) -> TrainResult:
                               mixed_precision=cfg.mixed_precision, log_with=cfg.log_with or None, project_dir=str(out))
     set_seed(cfg.seed)
     if cfg.chunk_size is None:
-        cfg = dataclasses.replace(cfg, chunk_size=1024 if accelerator.device.type == "cuda" else 64)
+        cfg = dataclasses.replace(cfg, chunk_size=default_chunk_size(accelerator.device))
 
     # ---- 1. the output folder: fresh, or resumed from its latest checkpoint (touched only once the inputs check out)
     run_key = fingerprint({k: v for k, v in to_dict(cfg).items()
