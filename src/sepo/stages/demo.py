@@ -54,7 +54,7 @@ class DemoConfig:
     weak_learning_rate: float = option(2e-3, "learning rate of the weak model's SFT (it starts from random weights)")
     seed: int = option(0, "seed of prompts, samples, labels, subsets and the random control")
     threads: int | None = option(1, "torch intra-op threads; none: torch's default. The 260K-parameter model gains "
-                                 "little from a second thread (81 s vs 96 s here), while threads that spin-wait "
+                                 "little from a second thread (see docs/demo.md, Run time), while threads that spin-wait "
                                  "for each other on a busy machine make it many times slower")
 
     def __post_init__(self):
