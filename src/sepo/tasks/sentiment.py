@@ -150,11 +150,28 @@ def token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int
     return prev, spans
 
 
-def lexicon_token_mask(tokenizer, ids: Sequence[int], lexicon: frozenset[str] = LEXICON) -> list[bool]:
-    """True for each token that overlaps (a non-space character of) a lexicon word of the decoded text."""
+def lexicon_token_mask(tokenizer, ids: Sequence[int], lexicon: frozenset[str] = LEXICON, *,
+                       first_token_only: bool = False) -> list[bool]:
+    """True for each token that overlaps (a non-space character of) a lexicon word of the decoded text;
+    ``first_token_only``: only the first such token of each word."""
     text, spans = token_spans(tokenizer, ids)
     hits = [(m.start(), m.end()) for m in re.finditer(r"[A-Za-z]+", text) if m.group().lower() in lexicon]
-    return [any(s < he and hs < e for hs, he in hits) for s, e in spans]
+    mask = [False] * len(spans)
+    for hs, he in hits:
+        overlapping = [i for i, (s, e) in enumerate(spans) if s < he and hs < e]
+        for i in overlapping[:1] if first_token_only else overlapping:
+            mask[i] = True
+    return mask
+
+
+def polarity_key_tokens(tokenizer, row, *, first_token_only: bool = False) -> tuple[list[bool], list[bool]]:
+    """The task's key tokens by polarity (the ``Task.key_tokens`` of ``sepo.tasks``): positive-lexicon tokens of
+    the chosen response, negative-lexicon tokens of the rejected one. A positive word in a rejected response
+    earns a high token reward and is rightly not in its bottom k, so it is not a key token there.
+    ``first_token_only`` keeps the first token of each lexicon word."""
+    return (lexicon_token_mask(tokenizer, row["chosen_input_ids"], POSITIVE_WORDS, first_token_only=first_token_only),
+            lexicon_token_mask(tokenizer, row["rejected_input_ids"], NEGATIVE_WORDS,
+                               first_token_only=first_token_only))
 
 
 def selection_quality(selected: Sequence[Sequence[bool]], key: Sequence[Sequence[bool]]) -> dict[str, float]:
