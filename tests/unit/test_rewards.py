@@ -68,9 +68,13 @@ def test_concentration_padding_is_never_counted():
 
 
 def test_uniform_rewards_give_the_diagonal():
-    """Ten equal |r|: the top x of the tokens carry exactly x; 80% needs 8 of 10."""
+    """Equal |r|: the top x of the tokens carry exactly x; 80% needs 8 of 10."""
     rewards = torch.tensor([[0.5, -0.5] * 5])
     mask = torch.ones_like(rewards, dtype=torch.bool)
     grid = torch.linspace(0, 1, 11)
     assert_close(abs_reward_share_curve(rewards, mask, grid)[0], grid)
     assert_close(token_share_for_abs_reward(rewards, mask, 0.8), torch.tensor([0.8]))
+    # 1000 tokens on a float32 grid: 0.7 is 0.69999999 in float32, and its top 70% is still 700 tokens
+    long = torch.ones(1, 1000)
+    grid = torch.linspace(0, 1, 101)
+    assert_close(abs_reward_share_curve(long, torch.ones_like(long, dtype=torch.bool), grid)[0], grid)

@@ -56,7 +56,9 @@ def abs_reward_share_curve(rewards: torch.Tensor, mask: torch.Tensor, grid: torc
     """
     share, total, n = _sorted_abs_shares(rewards, mask)
     padded = torch.cat([torch.zeros_like(share[:, :1]), share], dim=1)  # (N, R + 1): 0 tokens -> 0
-    take = torch.floor(grid[None, :].float() * n[:, None].float() + _ROUNDING_SLACK).long()  # (N, G)
+    # the slack is relative to n: a float32 grid point such as 0.7 is 0.69999999 and 0.7 * 1000 must still be 700
+    size = n[:, None].double()  # (N, 1)
+    take = torch.floor(grid[None, :].double() * size + _ROUNDING_SLACK * size.clamp_min(1)).long()  # (N, G)
     curve = padded.gather(1, take.clamp(max=padded.shape[1] - 1)).clamp(max=1.0)  # rounding: never above 1
     return curve.masked_fill(~(total > 0)[:, None], float("nan"))
 

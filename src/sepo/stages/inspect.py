@@ -146,7 +146,8 @@ class Concentration:
             mean_curve = sum(self.curve_sums[s] for s in sides) / max(n, 1)  # (G,)
             out[name] = {
                 "responses": n, "responses_without_reward": int((~valid).sum()),
-                "tokens_for_level_on_mean_curve": curve_crossing(self.grid, mean_curve, self.level) if n else None,
+                "tokens_for_level_on_mean_curve": _rounded(curve_crossing(self.grid, mean_curve, self.level)) if n
+                else None,
                 "tokens_for_level_mean": float(shares[valid].mean()) if n else None,
                 "tokens_for_level_median": float(shares[valid].median()) if n else None,
                 "mean_curve": [round(float(x), 5) for x in mean_curve] if n else None,
@@ -154,11 +155,15 @@ class Concentration:
         return out
 
 
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)  # a grid point: 0.35, not 0.35000000000000003
+
+
 def measure_concentration(flat: dict[str, tuple[torch.Tensor, torch.Tensor]], level: float = 0.8,
                           batch_rows: int = 4096) -> Concentration:
     """Reward concentration (paper Fig. 1) of flat reward columns ``{side: (values (T,), lengths (N,))}``,
     vectorized over padded batches of responses."""
-    grid = torch.linspace(0, 1, CURVE_POINTS)
+    grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
     shares, curve_sums = {}, {}
     for side in SIDES:
         values, lengths = flat[side]
@@ -230,7 +235,8 @@ def plot_concentration(path: Path, conc: Concentration) -> None:
     for side in SIDES:
         valid = ~conc.shares[side].isnan()
         if valid.any():
-            ax1.plot(conc.grid.numpy(), (conc.curve_sums[side] / int(valid.sum())).numpy(), label=f"{side} (mean)")
+            ax1.plot(conc.grid.numpy(), (conc.curve_sums[side] / int(valid.sum())).numpy(), label=f"{side} (mean)",
+                     ls="-" if side == "chosen" else "--")
             ax2.hist(conc.shares[side][valid].numpy(), bins=20, range=(0, 1), alpha=0.55, label=side)
     ax1.axhline(conc.level, color="grey", ls="--", label=f"{conc.level:.0%} of sum |r_t|")
     ax1.set(xlabel="share of a response's tokens (largest |r_t| first)", ylabel="share of the response's sum |r_t|",
