@@ -164,3 +164,13 @@ def test_inspect_refuses_a_bad_key_token_source_in_one_line(selected, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_selection_report_follows_a_reordered_view_of_the_rows(selected):
+    """A `Dataset.select` view (an index mapping over the Arrow table): the key masks and the flat reward and
+    mask columns must stay aligned row for row, so pooled numbers do not change with the order of the rows."""
+    ds, tok, _ = selected
+    key_tokens = get_task("sentiment").key_tokens
+    assert selection_report(ds.select([1, 0]), tok, key_tokens) == selection_report(ds, tok, key_tokens)
+    only_b = selection_report(ds.select([1]), tok, key_tokens)["chosen"]["every_token"]
+    assert (only_b["tokens"], only_b["key_tokens"], only_b["precision"]) == (13, 4, pytest.approx(2 / 3))
