@@ -23,7 +23,7 @@ from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, magnitude_quantile, select
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.io import arrow_table, load_dataset_dir, save_dataset
+from sepo.io import arrow_table, flat_column, load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
 # rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python
@@ -66,16 +66,6 @@ class SelectConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def flat_column(table, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list column of an Arrow table -> (flat values, lengths (N,) long), with no Python lists."""
-    import pyarrow.compute as pc
-
-    column = table.column(name)
-    lengths = torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64"))
-    values = torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).copy())
-    return values, lengths
 
 
 def check_token_aligned(table, folder: str, kinds: tuple[str, ...] = ("rewards",)) -> None:
