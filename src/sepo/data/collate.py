@@ -11,8 +11,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sepo.data.shared_prefix import SharedPrefix
 
 
 @dataclass
@@ -26,6 +30,7 @@ class PairBatch:
     token_weights: torch.Tensor | None = None  # (N, R) float: SePO selection (1 = key token), None = all tokens
     ref_logps: torch.Tensor | None = None  # (N, R) float32: cached reference log-probs, None when not cached
     include_rejected: bool = True
+    shared: SharedPrefix | None = None  # the same pairs packed one row each (sepo.data.shared_prefix), or None
 
     @property
     def num_pairs(self) -> int:
@@ -35,7 +40,7 @@ class PairBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+            moved[f.name] = v.to(device) if hasattr(v, "to") else v  # tensors and the packed layout
         return PairBatch(**moved)
 
     def split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
