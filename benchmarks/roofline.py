@@ -131,9 +131,10 @@ def matmul_peak(m: int, k: int, n: int, *, dtype=torch.float32, device="cpu", re
     return 2 * m * k * n / best
 
 
-def measure_peaks(shape: Shape | None = None, *, dtype=torch.float32, device="cpu", chunk: int = 64) -> dict:
+def measure_peaks(shape: Shape | None = None, *, dtype=torch.float32, device="cpu", chunk: int = 64,
+                  n: int | None = None) -> dict:
     """{"square": FLOP/s of the n³ product, "lm_head": FLOP/s of the LM-head shape (when a shape is given)}."""
-    n = 8192 if torch.device(device).type == "cuda" else 2048
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
     peaks = {"square": matmul_peak(n, n, n, dtype=dtype, device=device), "square_n": n}
     if shape is not None:
         peaks["lm_head"] = matmul_peak(chunk, shape.hidden, shape.vocab, dtype=dtype, device=device)
