@@ -142,10 +142,10 @@ def full_logits_log_probs_at(logits: torch.Tensor, positions: torch.Tensor, resp
                              mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``full_logits_log_probs`` with the reading positions (and rows, see ``selective_log_probs_at``) given.
     logits (S, T, V); positions, response_ids, mask (N, R); rows (N,) -> (N, R) float32, 0 off-mask."""
-    if rows is not None:
-        logits = logits[rows]  # (N, T, V): the sequence each grid row reads
+    if rows is None:
+        rows = torch.arange(positions.shape[0], device=logits.device)
     positions = positions.clamp(0, logits.shape[1] - 1)  # (N, R); clamped entries are off the mask
-    picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))  # (N, R, V)
+    picked = logits[rows[:, None], positions]  # (N, R, V): only the rows' reading positions, never (N, T, V)
     logps = torch.log_softmax(picked.float(), dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)  # (N, R)
     return logps.masked_fill(~mask, 0.0)
 

@@ -108,7 +108,7 @@ def pack_shared_prefix(batch: PairBatch, pad_token_id: int) -> SharedPrefix:
 
 def with_shared_prefix(batch: PairBatch, pad_token_id: int) -> PairBatch:
     """The same batch carrying its packed layout (``batch.shared``); a chosen-only batch (sft) is returned as it
-    is: it has nothing to share."""
+    is: it has nothing to share. Meant for where batches are collated (the CPU, a loader worker)."""
     if not batch.include_rejected:
         return batch
     return replace(batch, shared=pack_shared_prefix(batch.to("cpu"), pad_token_id).to(batch.input_ids.device))
