@@ -92,17 +92,21 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 class PairDataset(torch.utils.data.Dataset):
     """A map-style view of a pairs ``datasets.Dataset`` that the loader fetches a micro-batch of ``Draw``s from at
-    once (``__getitems__``: one Arrow read per micro-batch, not one per row)."""
+    once (``__getitems__``: one Arrow read per micro-batch, not one per row). ``joined``: columns kept elsewhere and
+    looked up by row (an object with ``rows_of(rows) -> list[dict]``, e.g. the reference cache), added to each row."""
 
-    def __init__(self, ds, columns: Sequence[str]):
-        self.ds, self.columns = ds, [c for c in columns if c in ds.column_names]
+    def __init__(self, ds, columns: Sequence[str], joined=None):
+        self.ds, self.columns, self.joined = ds, [c for c in columns if c in ds.column_names], joined
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitems__(self, draws: Sequence[Draw]) -> list[tuple[dict, Draw]]:
-        rows = rows_of(self.ds, [d.row for d in draws], self.columns)
-        for row, draw in zip(rows, draws):
+        positions = [d.row for d in draws]
+        rows = rows_of(self.ds, positions, self.columns)
+        extra = self.joined.rows_of(positions) if self.joined is not None else [{}] * len(rows)
+        for row, more, draw in zip(rows, extra, draws):
+            row.update(more)
             row.setdefault(INDEX, draw.row)
         return list(zip(rows, draws))
 
@@ -126,10 +130,10 @@ class PairCollator:
                              pair_weights=[d.weight for d in draws], step_pairs=draws[0].step_pairs)
 
 
-def pair_loader(ds, columns: Sequence[str], sampler: GlobalBatchSampler, collate: PairCollator, *,
+def pair_loader(dataset: PairDataset, sampler: GlobalBatchSampler, collate: PairCollator, *,
                 num_workers: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader of PairBatches (to be passed through ``accelerator.prepare``, which shards it over processes)."""
     return torch.utils.data.DataLoader(
-        PairDataset(ds, columns), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
         # its own generator: an iterator draws its workers' base seed from it, not from torch's global RNG
         generator=torch.Generator().manual_seed(sampler.seed))

@@ -192,10 +192,9 @@ def _score_missing_rows(cfg: ScoreConfig, accelerator, work: Path, pairs, oracle
     import datasets
     from tqdm.auto import tqdm
 
-    todo = shards.missing_rows(work, range(len(pairs)))
+    todo, mine = shards.plan(work, range(len(pairs)), cfg.shard_size, accelerator)
     if len(todo) < len(pairs):
         log.info("resuming: %d of %d rows already scored in %s", len(pairs) - len(todo), len(pairs), work)
-    mine = shards.my_pieces(todo, cfg.shard_size, accelerator)
     tokens = sum(list_lengths(pairs, c) for c in TOKEN_COLUMNS[1:])  # (rows,) response tokens, for the progress bar
     chunk_size = cfg.chunk_size or default_chunk_size(accelerator.device)
 

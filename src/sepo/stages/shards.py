@@ -7,8 +7,7 @@ metadata) saved atomically in one folder, so a killed run keeps its finished pie
 rows no piece holds. Every process then reads all pieces: the gather goes through the filesystem, which every
 process must see (as it must see the output folder, where accelerate's checkpoints go).
 
-    todo = missing_rows(folder, rows)                      # the same list on every process
-    mine = my_pieces(todo, piece_rows, accelerator)        # this process's share
+    todo, mine = plan(folder, rows, piece_rows, accelerator)   # every row not cached yet; this process's pieces
     compute_pieces(folder, mine, compute, features, accelerator)
     gathered = gather_pieces(folder, num_rows)             # .dataset, .position (row -> position or -1), .stats
 """
@@ -31,33 +30,41 @@ ROW = "row"
 PIECE_PREFIX = "piece-"
 
 
-def piece_dirs(folder: Path) -> list[Path]:
-    """Finished pieces (those with their metadata), in row order."""
-    if not folder.is_dir():
-        return []
-    return sorted(d for d in folder.iterdir() if d.name.startswith(PIECE_PREFIX) and (d / METADATA_FILE).is_file())
+def _folders(folders: Path | Sequence[Path]) -> list[Path]:
+    return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
 
 
-def covered_rows(folder: Path) -> np.ndarray:
+def piece_dirs(folders: Path | Sequence[Path]) -> list[Path]:
+    """Finished pieces (those with their metadata) of one folder or several, in row order."""
+    found = [d for folder in _folders(folders) if folder.is_dir() for d in folder.iterdir()
+             if d.name.startswith(PIECE_PREFIX) and (d / METADATA_FILE).is_file()]
+    return sorted(found, key=lambda d: d.name)
+
+
+def covered_rows(folders: Path | Sequence[Path]) -> np.ndarray:
     """Rows some finished piece holds."""
     import pyarrow.compute as pc
 
     from sepo.io import arrow_table
 
-    parts = [pc.unique(arrow_table(load_dataset_dir(d)[0]).column(ROW)).to_numpy() for d in piece_dirs(folder)]
+    parts = [pc.unique(arrow_table(load_dataset_dir(d)[0]).column(ROW)).to_numpy() for d in piece_dirs(folders)]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
-def missing_rows(folder: Path, rows: Sequence[int]) -> list[int]:
-    """``rows`` that no finished piece in ``folder`` holds (in order)."""
-    done = covered_rows(folder)
-    return [int(r) for r in np.asarray(rows, dtype=np.int64)[~np.isin(rows, done)]] if len(rows) else []
+def missing_rows(folders: Path | Sequence[Path], rows: Sequence[int]) -> list[int]:
+    """``rows`` that no finished piece holds (in order)."""
+    rows = np.asarray(list(rows), dtype=np.int64)
+    return rows[~np.isin(rows, covered_rows(folders))].tolist()
 
 
-def my_pieces(todo: Sequence[int], piece_rows: int, accelerator) -> list[list[int]]:
-    """``todo`` cut into pieces of at most ``piece_rows`` rows; this process's share (every ``num_processes``-th)."""
-    pieces = [list(todo[s : s + piece_rows]) for s in range(0, len(todo), piece_rows)]
-    return pieces[accelerator.process_index :: accelerator.num_processes]
+def plan(folders: Path | Sequence[Path], rows: Sequence[int], piece_rows: int, accelerator) -> tuple[list[int],
+                                                                                                   list[list[int]]]:
+    """-> (the rows no finished piece holds, this process's pieces of them). Every process reads the folders before
+    any writes (a barrier), so all agree on the pieces; piece k goes to process ``k % num_processes``."""
+    todo = missing_rows(folders, rows)
+    accelerator.wait_for_everyone()
+    pieces = [todo[s : s + piece_rows] for s in range(0, len(todo), piece_rows)]
+    return todo, pieces[accelerator.process_index :: accelerator.num_processes]
 
 
 def compute_pieces(folder: Path, pieces: Sequence[list[int]],
@@ -98,18 +105,19 @@ class Gathered:
         return ds.select(self.position.tolist())
 
 
-def gather_pieces(folder: Path, num_rows: int) -> Gathered:
-    """Every finished piece of ``folder``, indexed by row (memory-mapped; nothing is copied)."""
+def gather_pieces(folders: Path | Sequence[Path], num_rows: int) -> Gathered:
+    """Every finished piece of one folder or several, indexed by row (memory-mapped; nothing is copied)."""
     import datasets
 
     from sepo.io import arrow_table
 
-    dirs = piece_dirs(folder)
+    dirs = piece_dirs(folders)
     parts = [load_dataset_dir(d)[0] for d in dirs]
     ds = datasets.concatenate_datasets(parts) if parts else datasets.Dataset.from_dict({ROW: []})
     rows = arrow_table(ds).column(ROW).to_numpy() if len(ds) else np.zeros(0, dtype=np.int64)
     if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
-        raise SepoError(f"{folder} holds rows outside 0..{num_rows - 1}: it belongs to other data; delete it")
+        raise SepoError(f"{', '.join(map(str, _folders(folders)))} hold rows outside 0..{num_rows - 1}: they belong to "
+                        "other data; delete them")
     position = np.full(num_rows, -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))
     stats: dict = {}
