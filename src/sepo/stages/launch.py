@@ -7,6 +7,8 @@ On a machine without an accelerator device the Accelerator is made with ``cpu=Tr
 ``cpu=False`` accelerate 1.16 gives each such process a world of its own, and N processes would silently train N
 separate models. (``accelerate launch --cpu --num_processes N`` starts ONE process unless an MPI hostfile is given.)
 
+Processes other than the main one log warnings only (each would otherwise repeat every progress line).
+
 A requested engine that accelerate did not set up is an error, not a silent fallback: an FSDP config on CPU
 processes (accelerate enables FSDP only on GPU-like devices, and torch's FSDP1 needs an accelerator device) would
 otherwise run as plain data parallelism.
@@ -14,6 +16,7 @@ otherwise run as plain data parallelism.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -34,10 +37,12 @@ def make_accelerator(**kwargs):
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=cpu_only(), **kwargs)
+    if not accelerator.is_main_process:
+        logging.getLogger("sepo").setLevel(logging.WARNING)
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
         raise SepoError(f"the accelerate config asks for FSDP, but accelerate set up {accelerator.distributed_type.value} "
-                        f"on {accelerator.device.type}: it enables FSDP only on GPU-like devices (torch's FSDP1 needs "
-                        "an accelerator device). On CPU processes use a data-parallel launch (torchrun, or accelerate "
-                        "launch --multi_gpu --num_processes N)")
+                        f"on {accelerator.device.type}: it enables FSDP only on GPU-like devices (and torch's FSDP1 "
+                        "refuses CPU processes: 'FSDP needs a non-CPU accelerator device'). On CPU processes use a "
+                        "data-parallel launch (torchrun, or accelerate launch --multi_gpu --num_processes N)")
     return accelerator

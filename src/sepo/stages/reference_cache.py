@@ -52,7 +52,12 @@ def cache_key(reference: str, pairs, dtype: str) -> str:
 
 
 def _writable(folder: Path) -> bool:
-    """Whether ``folder`` exists (or can be made) and takes new files."""
+    """Whether ``folder`` takes new files, making it if its nearest existing ancestor allows that."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -68,7 +73,7 @@ def cache_folders(data: str, run_folder: Path, key: str, accelerator) -> tuple[P
     if accelerator.is_main_process and beside is not None:
         _writable(beside)  # made by one process; all then test the same folder
     accelerator.wait_for_everyone()
-    if beside is not None and beside.is_dir() and os.access(beside, os.W_OK | os.X_OK):
+    if beside is not None and beside.is_dir() and _writable(beside):
         return beside, [beside]
     if beside is not None:
         log.info("%s cannot be written: reference log-probs are cached in %s", beside.parent, inside)

@@ -15,6 +15,7 @@ process must see (as it must see the output folder, where accelerate's checkpoin
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,10 +61,12 @@ def missing_rows(folders: Path | Sequence[Path], rows: Sequence[int]) -> list[in
 def plan(folders: Path | Sequence[Path], rows: Sequence[int], piece_rows: int, accelerator) -> tuple[list[int],
                                                                                                    list[list[int]]]:
     """-> (the rows no finished piece holds, this process's pieces of them). Every process reads the folders before
-    any writes (a barrier), so all agree on the pieces; piece k goes to process ``k % num_processes``."""
+    any writes (a barrier), so all agree on the pieces; piece k goes to process ``k % num_processes``. Pieces are
+    at most ``piece_rows`` rows, and smaller when that gives every process a share."""
     todo = missing_rows(folders, rows)
     accelerator.wait_for_everyone()
-    pieces = [todo[s : s + piece_rows] for s in range(0, len(todo), piece_rows)]
+    size = max(1, min(piece_rows, math.ceil(len(todo) / accelerator.num_processes)))
+    pieces = [todo[s : s + size] for s in range(0, len(todo), size)]
     return todo, pieces[accelerator.process_index :: accelerator.num_processes]
 
 
