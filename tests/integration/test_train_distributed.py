@@ -1,8 +1,9 @@
 """`sepo train` on 2 CPU processes (gloo, through `accelerate launch`) trains exactly like 1 process at the same
 global batch, gradient accumulation exactly like a bigger batch, and a SIGKILLed 2-process run resumes bitwise.
 
-The data has 13 pairs, so with a global batch of 8 every second step is the short one (5 pairs + 3 zero-weight
-copies): the exactness covers the padded step too. fp32 throughout; tolerances 1e-5 (summation order differs)."""
+The data has 13 pairs, 3 held out for evaluation, so with a global batch of 8 every second step is the short one
+(2 pairs + 6 zero-weight copies) and the evaluation pads too: the exactness covers padded batches. fp32 throughout;
+tolerances 1e-5 (the summation order differs)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_story_pairs_dataset  # noqa: E402
 
 SETTINGS = {"max_steps": 4, "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0,
-            "logging_steps": 1, "save_steps": 2, "seed": 5}
+            "logging_steps": 1, "save_steps": 2, "seed": 5, "eval_size": 3}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +96,14 @@ def one_process(micro: Path, data: Path, out: Path, **settings) -> train.TrainRe
 
 def step_losses(out: Path) -> list[float]:
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, len(records) + 1))
+    records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     return [r["train/loss"] for r in records]
+
+
+def eval_metrics(out: Path) -> dict:
+    metrics = json.loads((out / "sepo_metadata.json").read_text())["metrics"]
+    return {k: v for k, v in metrics.items() if k.startswith("eval/")}
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -111,6 +118,8 @@ def assert_same_training(one: Path, two: Path, micro: Path) -> None:
         assert abs(a - b) <= 1e-5, (step_losses(one), step_losses(two))
     assert max_weight_difference(one, two) <= 1e-5
     assert max_weight_difference(one, micro) > 1e-3  # ... and the runs did train
+    a, b = eval_metrics(one), eval_metrics(two)
+    assert len(a) == 5 and a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a), (a, b)
 
 
 @pytest.mark.slow
@@ -125,8 +134,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(loss, micro, pair
     meta = json.loads((tmp_path / "two" / "sepo_metadata.json").read_text())
     assert meta["num_processes"] == 2 and meta["steps"] == 4
     if loss == "dpo":
-        pieces = [p for p in next((data.parent / "pairs.ref-logps").iterdir()).iterdir() if p.name.startswith("piece-")]
-        assert len(pieces) == 2  # one per process
+        for cache in (data.parent / "pairs.ref-logps").iterdir():  # one for the training rows, one for the held-out
+            assert len([p for p in cache.iterdir() if p.name.startswith("piece-")]) == 2  # one piece per process
 
         import sepo.models
 

@@ -30,7 +30,8 @@ STATE_FILE = "train_state.json"
 # what accelerate's save_state writes for one model and one optimizer (and a GradScaler under fp16), plus our JSON
 PLAIN_FILES = re.compile(r"^(model(_\d+)?\.safetensors|optimizer(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt|"
                          + re.escape(STATE_FILE) + r")$")
-TORCH_FILES = re.compile(r"^(optimizer(_\d+)?\.bin|random_states_\d+\.pkl|scaler\.pt)$")
+# accelerate loads these with weights_only=True too, but swallows a failure (and then continues with a fresh RNG)
+RNG_FILES = re.compile(r"^random_states_\d+\.pkl$")
 # sharded engines write folders whose loading sepo does not control (see the module docstring)
 ENGINE_ENTRIES = {"FSDP": re.compile(r"^(pytorch_model_fsdp_\d+|optimizer_\d+|pytorch_model_fsdp(_\d+)?\.bin|"
                                      r"pytorch_model_fsdp(_\d+)?_rank\d+\.bin|optimizer(_\d+)?_rank\d+\.bin)$"),
@@ -97,7 +98,7 @@ def check_checkpoint(checkpoint: Path, engine: str) -> None:
         raise SepoError(f"{checkpoint} holds {entry.name}, which sepo train does not write: refusing to resume from "
                         f"it{hint}. Resume only from checkpoints this tool made, in folders you trust")
     for entry in sorted(checkpoint.iterdir()):
-        if TORCH_FILES.match(entry.name):
+        if RNG_FILES.match(entry.name):
             try:
                 load_weights_only(entry, map_location="cpu")
             except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
@@ -115,9 +116,9 @@ def load_checkpoint(accelerator, checkpoint: Path, scheduler) -> dict:
     check_checkpoint(checkpoint, accelerator.distributed_type.value)
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
-    except pickle.UnpicklingError as e:
-        raise SepoError(f"{checkpoint} does not load as plain tensors (weights_only=True: {str(e).splitlines()[0]}); "
-                        "refusing to resume from it") from None
+    except pickle.UnpicklingError as e:  # the optimizer (or GradScaler) file: the model is safetensors
+        raise SepoError(f"{checkpoint}: optimizer.bin (or scaler.pt) does not load as plain tensors (weights_only=True: "
+                        f"{str(e).splitlines()[0][:200]}); refusing to resume from it") from None
     scheduler.load_state_dict(state["scheduler"])
     return state
 

@@ -22,6 +22,7 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, magnitude_quantile, select
+from sepo.data.columns import MASK_COLUMNS, REWARD_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, DataError, SepoError
 from sepo.io import arrow_table, load_dataset_dir, save_dataset
 
@@ -32,7 +33,7 @@ PROJECTION_ROWS = 1024
 # tokens decoded before a token to find the text it adds: enough context for SentencePiece's leading space and
 # for a multi-byte character split over several byte tokens
 PIECE_CONTEXT = 4
-SCORED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_rewards", "rejected_rewards")
+SCORED_COLUMNS = (*TOKEN_COLUMNS, *REWARD_COLUMNS)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def run(cfg: SelectConfig):
 
     # ---- 1. load scores ----
     ds, scores_meta = load_dataset_dir(cfg.scores, SCORED_COLUMNS, produced_by="sepo score")
-    ds = ds.remove_columns([c for c in ("chosen_mask", "rejected_mask") if c in ds.column_names])
+    ds = ds.remove_columns([c for c in MASK_COLUMNS if c in ds.column_names])
     check_token_aligned(arrow_table(ds), cfg.scores)
     tokenizer_name, tokenizer_fp = scores_meta.get("tokenizer"), scores_meta.get("tokenizer_fingerprint")
 
