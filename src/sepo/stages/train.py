@@ -356,22 +356,12 @@ def _attach_reference(cfg: TrainConfig, accelerator, data: TrainData, sampler: G
     return dataclasses.replace(data, reference=found.get("train"), eval_reference=found.get("eval"))
 
 
-def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
-    """Policy (LoRA optional), AdamW, the schedule, the loaders; all but the schedule prepared by accelerate."""
-    from accelerate.utils import DistributedType
-    from transformers import get_scheduler
-
+def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> tuple:
+    """-> (train loader, eval loader or None): the sampler's micro-batches, collated in ``num_workers`` workers; the
+    held-out pairs in a fixed order, padded to whole global batches as well."""
     from sepo.data.loader import PairDataset
     from sepo.data.rows import pair_lengths
-    from sepo.models import LoraSettings, load_causal_lm, selective_head_supported
 
-    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if cfg.lora else None
-    model = load_causal_lm(cfg.model, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
-                              num_training_steps=sampler.num_steps)
     selection = trains_on_selection(cfg)
     columns = [*TOKEN_COLUMNS, INDEX, *(MASK_COLUMNS if selection else ())]
     refs = REF_LOGPS_COLUMNS if data.reference is not None else None
@@ -382,12 +372,29 @@ def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler:
 
     loader = pair_loader(PairDataset(data.pairs, columns, joined=data.reference), sampler,
                          collator(cfg.loss != "sft"), num_workers=cfg.num_workers)
-    eval_loader = None
-    if data.eval_pairs is not None:
-        eval_sampler = GlobalBatchSampler(pair_lengths(data.eval_pairs), batch_size=cfg.batch_size,
-                                          num_processes=accelerator.num_processes, shuffle=False)
-        eval_loader = pair_loader(PairDataset(data.eval_pairs, columns, joined=data.eval_reference), eval_sampler,
-                                  collator(True), num_workers=cfg.num_workers)
+    if data.eval_pairs is None:
+        return loader, None
+    eval_sampler = GlobalBatchSampler(pair_lengths(data.eval_pairs), batch_size=cfg.batch_size,
+                                      num_processes=accelerator.num_processes, shuffle=False)
+    return loader, pair_loader(PairDataset(data.eval_pairs, columns, joined=data.eval_reference), eval_sampler,
+                               collator(True), num_workers=cfg.num_workers)
+
+
+def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
+    """Policy (LoRA optional), AdamW, the schedule, the loaders; all but the schedule prepared by accelerate."""
+    from accelerate.utils import DistributedType
+    from transformers import get_scheduler
+
+    from sepo.models import LoraSettings, load_causal_lm, selective_head_supported
+
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if cfg.lora else None
+    model = load_causal_lm(cfg.model, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
+                              num_training_steps=sampler.num_steps)
+    loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -456,19 +463,46 @@ def _non_finite_error(step: int, checks: list, folder: RunFolder, accelerator) -
                      f"after it{f'; the last good checkpoint is {last[-1]}' if last else ''}")
 
 
+class _Window:
+    """The train metrics between two log records: summed on the device step by step, read back once per record."""
+
+    def __init__(self, device, dtype: torch.dtype, unlogged: set):
+        self.sums = torch.zeros(len(STATS), dtype=dtype, device=device)
+        self.grad_norm = torch.zeros((), dtype=dtype, device=device)
+        self.unlogged, self.steps, self.tick = unlogged, 0, time.time()
+
+    def add(self, step_totals: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.sums += step_totals
+        if grad_norm is not None:
+            self.grad_norm += grad_norm.to(self.grad_norm.dtype)
+        self.steps += 1
+
+    def read(self, **extra) -> dict:
+        values = torch.cat([self.sums, self.grad_norm.view(1)]).tolist()  # the window's one read-back
+        pairs = max(values[PAIRS], 1.0)
+        metrics = {f"train/{k}": values[STATS.index(k)] / pairs for k in METRICS if k not in self.unlogged}
+        if values[-1]:
+            metrics["train/grad_norm"] = values[-1] / self.steps
+        metrics.update({f"train/{k}": v for k, v in extra.items()})
+        metrics["train/tokens_per_second"] = values[TOKENS] / max(time.time() - self.tick, 1e-9)
+        self.sums.zero_(), self.grad_norm.zero_()
+        self.steps, self.tick = 0, time.time()
+        return metrics
+
+
 def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, step: int, metrics: dict) -> tuple:
     """The loop over micro-batches from ``step`` on; -> (steps done, last logged metrics, final loss)."""
     from sepo.stages.checkpoints import save_checkpoint
 
-    num_processes, accumulation = accelerator.num_processes, cfg.gradient_accumulation_steps
-    total_steps, record = opt.sampler.num_steps, _Recorder(accelerator, folder.log_file, opt.sampler.num_steps)
+    num_processes, accumulation, total_steps = accelerator.num_processes, cfg.gradient_accumulation_steps, \
+        opt.sampler.num_steps
+    record = _Recorder(accelerator, folder.log_file, total_steps)
     loader = accelerator.skip_first_batches(opt.loader, step * accumulation) if step else opt.loader
-    # sft trains on the chosen half only: a rejected reward of 0, and the accuracy/margin against it, mean nothing
-    unlogged = {"rewards/rejected", "rewards/accuracy", "rewards/margin"} if cfg.loss == "sft" else set()
     dtype = _stats_dtype(accelerator.device)
-    zeros = torch.zeros(len(STATS), dtype=dtype, device=accelerator.device)
-    step_sums, window, window_grad, window_steps, last_step = zeros.clone(), zeros.clone(), zeros[0].clone(), 0, None
-    checks, tick = [], time.time()
+    # sft trains on the chosen half only: a rejected reward of 0, and the accuracy/margin against it, mean nothing
+    window = _Window(accelerator.device, dtype, {"rewards/rejected", "rewards/accuracy", "rewards/margin"}
+                     if cfg.loss == "sft" else set())
+    step_sums, checks, totals = torch.zeros(len(STATS), dtype=dtype, device=accelerator.device), [], None
     for batch in loader:
         with accelerator.accumulate(opt.model):
             with accelerator.autocast():
@@ -477,36 +511,25 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
             step_sums += micro_batch_stats(out, batch, loss.detach(), dtype)
             checks.append((loss.detach(), batch.index))
             accelerator.backward(loss)
+            grad_norm = None
             if accelerator.sync_gradients:
-                last_step = accelerator.reduce(step_sums, "sum")  # the step's one collective
-                if last_step[NON_FINITE] > 0:  # the step's one read-back, before the optimizer touches the weights
+                totals = accelerator.reduce(step_sums, "sum")  # the step's one collective
+                if totals[NON_FINITE] > 0:  # the step's one read-back, before the optimizer touches the weights
                     raise _non_finite_error(step + 1, checks, folder, accelerator)
                 if cfg.max_grad_norm:
-                    norm = accelerator.clip_grad_norm_(opt.model.parameters(), cfg.max_grad_norm)
-                    window_grad += norm.to(dtype) if norm is not None else 0
+                    grad_norm = accelerator.clip_grad_norm_(opt.model.parameters(), cfg.max_grad_norm)
             opt.optimizer.step()
             opt.optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
         opt.scheduler.step()
         step += 1
-        window += last_step
-        window_steps += 1
-        step_sums.zero_()
-        checks.clear()
+        window.add(totals, grad_norm)
+        step_sums, checks = torch.zeros_like(step_sums), []
 
         if step % cfg.logging_steps == 0 or step == total_steps:
-            values = torch.cat([window, window_grad.view(1)]).tolist()  # the only read-back of the window
-            pairs = max(values[PAIRS], 1.0)
-            metrics = {f"train/{k}": values[STATS.index(k)] / pairs for k in METRICS if k not in unlogged}
-            if cfg.max_grad_norm:
-                metrics["train/grad_norm"] = values[-1] / window_steps
-            metrics.update({"train/lr": opt.scheduler.get_last_lr()[0],
-                            "train/epoch": step / opt.sampler.steps_per_epoch,
-                            "train/tokens_per_second": values[TOKENS] / max(time.time() - tick, 1e-9)})
+            metrics = window.read(lr=opt.scheduler.get_last_lr()[0], epoch=step / opt.sampler.steps_per_epoch)
             record(step, metrics)
-            window.zero_(), window_grad.zero_()
-            window_steps, tick = 0, time.time()
         if opt.eval_loader is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             record(step, evaluate(cfg, accelerator, opt.model, opt.ref_model, opt.eval_loader, opt.hyper,
                                   opt.full_logits))
@@ -515,7 +538,7 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
                                                        "scheduler": opt.scheduler.state_dict()}, cfg.save_total_limit)
         if os.environ.get(FAULT_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # an honest crash, for the resume test
-    final_loss = float(last_step[STATS.index("loss")] / last_step[PAIRS]) if last_step is not None else float("nan")
+    final_loss = float(totals[STATS.index("loss")] / totals[PAIRS]) if totals is not None else float("nan")
     return step, metrics, final_loss
 
 
