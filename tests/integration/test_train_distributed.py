@@ -157,6 +157,13 @@ def test_accumulation_trains_like_a_bigger_batch(micro, pairs13, tmp_path):
         assert_same_training(tmp_path / "b8", out, micro)
 
 
+def test_collation_in_worker_processes_changes_nothing(micro, pairs13, tmp_path):
+    one_process(micro, pairs13, tmp_path / "main", loss="sepo", batch_size=4, **SETTINGS)
+    one_process(micro, pairs13, tmp_path / "workers", loss="sepo", batch_size=4, num_workers=2, **SETTINGS)
+    assert max_weight_difference(tmp_path / "main", tmp_path / "workers") == 0.0
+    assert step_losses(tmp_path / "main") == step_losses(tmp_path / "workers")
+
+
 @pytest.mark.slow
 def test_a_sigkilled_two_process_run_resumes_bitwise(micro, pairs13, tmp_path, runs):
     """Both processes SIGKILL themselves after step 3 (checkpoint at 2); `--resume` ends with exactly the weights of

@@ -86,25 +86,38 @@ def test_an_overwrite_killed_mid_run_keeps_the_previous_run_and_resumes_its_repl
 
 
 def test_dpo_on_data_in_a_read_only_folder_caches_the_reference_in_the_output(micro, pairs, tmp_path, monkeypatch):
-    """The data folder's parent is made read-only. root ignores file permissions, so for root the check sepo makes
-    (os.access) is also told the folder is read-only, as it would be for any other user."""
-    ro = tmp_path / "ro"
-    shutil.copytree(pairs, ro / "pairs")
-    os.chmod(ro, 0o555)
-    if os.geteuid() == 0:
-        import sepo.stages.reference_cache as rc
+    """The data folders' parents are made read-only. root ignores file permissions, so for root the check sepo
+    makes (os.access) is also told they are read-only, as it would be for any other user. A cache someone made
+    beside read-only data before is still used."""
+    import sepo.stages.reference_cache as rc
 
+    fresh, cached = tmp_path / "fresh", tmp_path / "cached"
+    shutil.copytree(pairs, fresh / "pairs")
+    shutil.copytree(pairs, cached / "pairs")
+    train.run(cfg(micro, cached / "pairs", tmp_path / "first", loss="dpo"))  # writable: the cache goes beside it
+    assert list((cached / "pairs.ref-logps").glob("*/piece-*"))
+    read_only = (fresh, cached, cached / "pairs.ref-logps")
+    for folder in read_only:
+        os.chmod(folder, 0o555)
+    if os.geteuid() == 0:
         real_access = os.access
-        monkeypatch.setattr(rc.os, "access", lambda p, mode: False if Path(p).is_relative_to(ro) else real_access(p, mode))
+        monkeypatch.setattr(rc.os, "access", lambda p, mode: False if any(Path(p).is_relative_to(f) for f in read_only)
+                            else real_access(p, mode))
+    computed, real_compute = [], rc.compute_reference_logps
+    monkeypatch.setattr(rc, "compute_reference_logps", lambda ref, ds, *a, **k: computed.append(len(ds)) or
+                        real_compute(ref, ds, *a, **k))
     try:
         out = tmp_path / "out"
-        train.run(cfg(micro, ro / "pairs", out, loss="dpo"))
-        assert (out / METADATA_FILE).is_file()
-        assert [p.name for p in ro.iterdir()] == ["pairs"]  # nothing written beside the data
-        pieces = list((out / "ref-logps").glob("*/piece-*"))
-        assert pieces, "the reference log-probs are cached in the output folder"
+        train.run(cfg(micro, fresh / "pairs", out, loss="dpo"))
+        assert (out / METADATA_FILE).is_file() and [p.name for p in fresh.iterdir()] == ["pairs"]  # nothing beside
+        assert list((out / "ref-logps").glob("*/piece-*")), "the reference log-probs are cached in the output folder"
+        assert computed == [8]  # 2 steps of 4 pairs
+
+        train.run(cfg(micro, cached / "pairs", tmp_path / "again", loss="dpo"))
+        assert computed == [8] and not (tmp_path / "again" / "ref-logps").exists()  # read from beside the data
     finally:
-        os.chmod(ro, 0o755)
+        for folder in read_only:
+            os.chmod(folder, 0o755)
 
 
 def test_with_few_steps_only_the_drawn_rows_get_reference_log_probs_and_a_longer_run_adds_the_rest(

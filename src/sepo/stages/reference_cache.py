@@ -66,8 +66,9 @@ def _writable(folder: Path) -> bool:
 
 
 def cache_folders(data: str, run_folder: Path, key: str, accelerator) -> tuple[Path, list[Path]]:
-    """-> (the folder new pieces go to, every folder pieces are read from). Beside a local data folder when it can be
-    written, else in the run's folder; an existing cache beside read-only data is read as well."""
+    """-> (the folder new pieces go to, the existing folders pieces are read from). Beside a local data folder when
+    it can be written, else in the run's folder (made only when something is written there); an existing cache
+    beside read-only data is read as well."""
     beside = Path(data).parent / f"{Path(data).name}.ref-logps" / key if Path(data).is_dir() else None
     inside = run_folder / "ref-logps" / key
     if accelerator.is_main_process and beside is not None:
@@ -76,10 +77,7 @@ def cache_folders(data: str, run_folder: Path, key: str, accelerator) -> tuple[P
     if beside is not None and beside.is_dir() and _writable(beside):
         return beside, [beside]
     if beside is not None:
-        log.info("%s cannot be written: reference log-probs are cached in %s", beside.parent, inside)
-    if accelerator.is_main_process:
-        inside.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+        log.info("%s cannot be written: new reference log-probs are cached in %s", beside.parent, inside)
     return inside, [f for f in (beside, inside) if f is not None and f.is_dir()]
 
 
@@ -146,7 +144,7 @@ def reference_logps(pairs, rows: Sequence[int], *, key: str, data: str, run_fold
         del reference
     else:
         log.info("reference log-probs of all %d rows this run draws from the cache %s", len(rows), read_from[0])
-    gathered = shards.gather_pieces(read_from, len(pairs))
+    gathered = shards.gather_pieces([*read_from, *([write_to] if write_to not in read_from else [])], len(pairs))
     lookup = ReferenceLogps(gathered.dataset, gathered.position, source=str(write_to))
     missing = int((lookup.position[list(rows)] < 0).sum())
     if missing:
