@@ -380,6 +380,16 @@ def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: Glob
                                collator(True), num_workers=cfg.num_workers)
 
 
+def _fill_deepspeed_config(cfg: TrainConfig, plugin) -> None:
+    """DeepSpeed takes the micro-batch and the clipping from its own config. accelerate fills their "auto" values from
+    a loader's ``batch_size`` (None with a batch sampler: it would refuse) and with a clipping of 1.0: give it ours.
+    (Not exercised by the CPU test suite: DeepSpeed needs GPUs.)"""
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if plugin.is_auto("gradient_clipping"):
+        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
+
+
 def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
     """Policy (LoRA optional), AdamW, the schedule, the loaders; all but the schedule prepared by accelerate."""
     from accelerate.utils import DistributedType
@@ -395,6 +405,8 @@ def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler:
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
                               num_training_steps=sampler.num_steps)
     loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _fill_deepspeed_config(cfg, accelerator.state.deepspeed_plugin)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
