@@ -108,6 +108,9 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(tmp_path, monke
     b, _ = load_dataset_dir(tmp_path / "resumed")
     assert a.to_dict() == b.to_dict()
     assert not partial.exists()
+    # shards read their rows through the selection: nothing (e.g. a datasets cache file) is written into the data
+    assert sorted(p.name for p in stories_pairs_dir.iterdir()) == ["data-00000-of-00001.arrow", "dataset_info.json",
+                                                                  "sepo_metadata.json", "state.json"]
 
 
 def test_nan_reward_names_the_row(tmp_path, stories_pairs_dir, stories260k):

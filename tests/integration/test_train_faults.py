@@ -120,6 +120,17 @@ def test_dpo_on_data_in_a_read_only_folder_caches_the_reference_in_the_output(mi
             os.chmod(folder, 0o755)
 
 
+def test_nothing_is_written_inside_the_data_folder(micro, pairs, tmp_path):
+    """A subset and an eval split select rows; datasets would cache the selection as a file inside the folder the
+    data was loaded from (another stage's output, maybe read-only). The reference cache goes beside it."""
+    data = tmp_path / "pairs"
+    shutil.copytree(pairs, data)
+    before = sorted(p.name for p in data.iterdir())
+    train.run(cfg(micro, data, tmp_path / "out", loss="dpo", subset=10, eval_size=3))
+    assert sorted(p.name for p in data.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pairs", "pairs.ref-logps"]
+
+
 def test_with_few_steps_only_the_drawn_rows_get_reference_log_probs_and_a_longer_run_adds_the_rest(
         micro, pairs, tmp_path, monkeypatch):
     import sepo.stages.reference_cache as rc

@@ -7,6 +7,7 @@ Shared by every stage that runs a model over pairs (`sepo score`, `sepo train` a
     pair_lengths(ds)                     prompt + the longer response per row: what length bucketing sorts on
     unpad_rows(grid, mask)               (N, R) padded grid -> N per-row float32 arrays (the inverse of collation)
     progress_bars(show)                  datasets' global progress-bar switch, restored afterwards
+    flattened(ds)                        a selection as its own table, in a temporary file, never beside the data
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 from sepo.data.columns import TOKEN_COLUMNS
-from sepo.io import arrow_table
 
 
 def rows_of(ds, positions: Sequence[int], columns: Sequence[str]) -> list[dict]:
@@ -25,10 +25,14 @@ def rows_of(ds, positions: Sequence[int], columns: Sequence[str]) -> list[dict]:
 
 
 def list_lengths(ds, column: str):
-    """(rows,) int array: the length of every list in ``column``."""
+    """(rows,) int array: the length of every list in ``column``. A selection (``ds.select``) is read through its
+    index mapping: nothing is flattened, so nothing is written beside the data (datasets would cache it there)."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(arrow_table(ds).column(column)).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(ds.data.table.column(column))
+    if ds._indices is not None:
+        lengths = lengths.take(ds._indices.column(0))
+    return lengths.to_numpy(zero_copy_only=False)
 
 
 def pair_lengths(ds) -> list[int]:
@@ -59,3 +63,21 @@ def progress_bars(show: bool) -> Iterator[None]:
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def flattened(ds):
+    """``ds`` with its index mapping (from ``select``, a subset, a split) applied. datasets would write the result
+    as a cache file beside the data it was loaded from -- a folder a stage must not write (it may be read-only, and
+    it is another stage's output) -- so caching is off meanwhile: the table goes to a temporary file instead."""
+    import datasets
+
+    if ds._indices is None:
+        return ds
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        with progress_bars(False):
+            return ds.flatten_indices()
+    finally:
+        if was_enabled:
+            datasets.enable_caching()

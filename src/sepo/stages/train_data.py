@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sepo.data.columns import INDEX, MASK_COLUMNS
-from sepo.data.rows import list_lengths
+from sepo.data.rows import flattened, list_lengths
 from sepo.errors import DataError, SepoError
 from sepo.io import METADATA_FILE, arrow_table
 
@@ -44,7 +44,7 @@ def take_subset(ds, size: float | None, seed: int):
 
     if size is None:
         return ds
-    return subset(ds, float(size) if size <= 1 else min(int(size), len(ds)), seed).flatten_indices()
+    return flattened(subset(ds, float(size) if size <= 1 else min(int(size), len(ds)), seed))
 
 
 def split_eval(ds, size: float, seed: int):
@@ -52,7 +52,7 @@ def split_eval(ds, size: float, seed: int):
     from sepo.data import train_eval_split
 
     train, held_out = train_eval_split(ds, float(size) if size < 1 else int(size), seed)
-    return train.flatten_indices(), held_out.flatten_indices()
+    return flattened(train), flattened(held_out)
 
 
 def _row_name(ds, i: int) -> int:
