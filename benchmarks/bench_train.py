@@ -6,7 +6,8 @@ Model: a random-init Llama from the tiny-model kit, preset "small" (hidden 128, 
 8,192 or 50,257 tokens; fp32; CPU. One step = forward + backward + AdamW step on a batch of 4 pairs (8 sequences,
 prompts 64-128 and responses 32-128 tokens ending with EOS, right-padded), with a seeded 30% token selection.
 
-  ours   -- `sepo train`'s step (sepo.stages.train.compute_loss): chosen and rejected in one forward, the LM head and
+  ours   -- `sepo train`'s micro-batch (sepo.stages.train.compute_loss, then micro_batch_loss and micro_batch_stats as
+            the loop runs them): chosen and rejected in one forward, the LM head and
             fp32 log-softmax only at response positions (for sepo only the selected ones), in chunks of 64;
             dpo/ipo/rpo read the cached reference log-probs, tdpo runs its in-memory reference.
   naive  -- the plain step: full logits (N, T, V), log_softmax over all of them, gather the labels, mask to the
