@@ -181,3 +181,15 @@ def test_resume_refuses_a_crafted_checkpoint_without_running_it(crafted, micro, 
         train.run(cfg(micro, pairs, out, save_steps=1, max_steps=3, resume=True))
     assert not marker.exists(), "the crafted checkpoint ran code"
     assert crafted in str(caught.value)
+
+
+def test_resuming_with_another_global_batch_is_refused(micro, pairs, tmp_path):
+    """A checkpoint records its global batch (batch_size x processes x accumulation); resuming it with another
+    process count would continue on other pairs, so it is refused (here the record says 2 processes made it)."""
+    out = tmp_path / "run"
+    checkpoint = _checkpointed_run(micro, pairs, out)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["global_batch"] == 4 and isinstance(state["scheduler"], dict)
+    (checkpoint / "train_state.json").write_text(json.dumps({**state, "global_batch": 8}))
+    with pytest.raises(SepoError, match="global batches of 8 pairs, this run has 4 .*resume with the process count"):
+        train.run(cfg(micro, pairs, out, save_steps=1, max_steps=3, resume=True))

@@ -44,11 +44,12 @@ class Draw(NamedTuple):
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Micro-batches (lists of ``Draw``) for ``num_steps`` optimizer steps, over as many epochs as that takes; see
-    the module docstring. ``shuffle=False`` keeps a fixed length-sorted order (evaluation)."""
+    """Micro-batches (lists of ``Draw``) for ``num_steps`` optimizer steps (default: ``num_epochs`` passes, fractions
+    allowed), over as many epochs as that takes; see the module docstring. ``shuffle=False`` keeps a fixed
+    length-sorted order (evaluation)."""
 
     def __init__(self, lengths: Sequence[int], *, batch_size: int, num_processes: int = 1, accumulation: int = 1,
-                 seed: int = 0, shuffle: bool = True, num_steps: int | None = None):
+                 seed: int = 0, shuffle: bool = True, num_steps: int | None = None, num_epochs: float = 1.0):
         if not len(lengths):
             raise ValueError("GlobalBatchSampler needs at least one row")
         self.lengths, self.seed, self.shuffle = list(lengths), seed, shuffle
@@ -57,7 +58,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.micro_per_step = num_processes * accumulation
         self.global_batch = batch_size * self.micro_per_step
         self.steps_per_epoch = math.ceil(len(self.lengths) / self.global_batch)
-        self.num_steps = self.steps_per_epoch if num_steps is None else num_steps
+        self.num_steps = num_steps or max(1, math.ceil(num_epochs * self.steps_per_epoch))
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches (row lists, each sorted longest first) of one epoch."""

@@ -23,7 +23,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -325,12 +324,9 @@ def _plan_steps(cfg: TrainConfig, accelerator, pairs) -> GlobalBatchSampler:
     """The optimizer steps of the run and the pairs each draws (the same for any process count)."""
     from sepo.data.rows import pair_lengths
 
-    lengths = pair_lengths(pairs)
-    probe = GlobalBatchSampler(lengths, batch_size=cfg.batch_size, num_processes=accelerator.num_processes,
-                               accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * probe.steps_per_epoch))
-    return GlobalBatchSampler(lengths, batch_size=cfg.batch_size, num_processes=accelerator.num_processes,
-                              accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, num_steps=total_steps)
+    return GlobalBatchSampler(pair_lengths(pairs), batch_size=cfg.batch_size, num_processes=accelerator.num_processes,
+                              accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed, num_steps=cfg.max_steps,
+                              num_epochs=cfg.num_epochs)
 
 
 def _attach_reference(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler,
@@ -424,14 +420,19 @@ def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler:
                         full_logits)
 
 
-def _resume(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder) -> tuple[int, dict]:
-    """-> (the step to start from, the metrics last logged): model, optimizer and RNG from the checkpoint, the
-    scheduler and the step from its JSON state; the data position follows from the step (the sampler is a pure
-    function of the seed). Also starts the log and the trackers."""
-    from sepo.stages.checkpoints import load_checkpoint, truncate_log
+def _resume_or_start(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder) -> tuple[int, dict]:
+    """-> (the step to start from, the metrics last logged). Resuming: model, optimizer and RNG from the checkpoint,
+    the scheduler and the step from its JSON state; the data position follows from the step (the sampler is a pure
+    function of the seed and the global batch). Then the log and the trackers start."""
+    from sepo.stages.checkpoints import load_checkpoint, read_state, truncate_log
 
     step, metrics = 0, {}
     if folder.checkpoint is not None:
+        made_with = read_state(folder.checkpoint).get("global_batch")
+        if made_with != opt.sampler.global_batch:
+            raise SepoError(f"{folder.checkpoint} was made with global batches of {made_with} pairs, this run has "
+                            f"{opt.sampler.global_batch} (batch_size x {accelerator.num_processes} processes x "
+                            "gradient_accumulation_steps): resume with the process count it was made with")
         state = load_checkpoint(accelerator, folder.checkpoint, opt.scheduler)
         step, metrics = state["step"], dict(state.get("metrics", {}))
         # accelerate counts micro-batches to know where an accumulation ends; load_state restores the count from
@@ -547,6 +548,7 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
                                   opt.full_logits))
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(accelerator, folder.work, {"step": step, "run_key": folder.run_key, "metrics": metrics,
+                                                       "global_batch": opt.sampler.global_batch,
                                                        "scheduler": opt.scheduler.state_dict()}, cfg.save_total_limit)
         if os.environ.get(FAULT_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # an honest crash, for the resume test
@@ -601,7 +603,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     folder.create(accelerator)  # the inputs checked out: only now is anything written
     data = _attach_reference(cfg, accelerator, data, sampler, folder)
     opt = _setup_optimisation(cfg, accelerator, data, sampler)
-    step, metrics = _resume(cfg, accelerator, opt, folder)
+    step, metrics = _resume_or_start(cfg, accelerator, opt, folder)
     log.info("training %s with loss %s on %d pairs (%d eval): %d steps of %d pairs (%d x %d processes x %d "
              "accumulation)", cfg.model, cfg.loss, len(data.pairs), len(data.eval_pairs or ()), sampler.num_steps,
              sampler.global_batch, cfg.batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps)
