@@ -54,7 +54,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             raise ValueError("GlobalBatchSampler needs at least one row")
         self.lengths, self.seed, self.shuffle = list(lengths), seed, shuffle
         self.batch_size = batch_size  # read by accelerate's BatchSamplerShard: every micro-batch has exactly this many
-        self.drop_last = False
+        self.drop_last = False  # read by BatchSamplerShard too: nothing is dropped (the short batch is padded)
         self.micro_per_step = num_processes * accumulation
         self.global_batch = batch_size * self.micro_per_step
         self.steps_per_epoch = math.ceil(len(self.lengths) / self.global_batch)
