@@ -128,11 +128,12 @@ def test_one_hot_selection_reproduces_the_hard_sepo_loss_exactly(name, off):
     mask_l = (torch.rand(4, 7, generator=g) < 0.4) | (torch.arange(7) == 1)
     mask_w[:, 5:] = False
     hard = sepo_loss(pair["chosen_logps"], pair["rejected_logps"], mask_w.float(), mask_l.float(), gamma=1.5)
+    extra = {}
+    if "ref_logps" in TOKEN_LOSS_INPUTS[name]:
+        extra = {"ref_chosen_logps": -torch.rand(4, 7, generator=g), "ref_rejected_logps": -torch.rand(4, 7, generator=g)}
+    if "kl" in TOKEN_LOSS_INPUTS[name]:
+        extra = {"chosen_kl": torch.rand(4, 7, generator=g), "rejected_kl": torch.rand(4, 7, generator=g)}
     for selection in ((mask_w.float(), mask_l.float()), (mask_w, mask_l)):
-        extra = {**(REF if "ref_logps" in TOKEN_LOSS_INPUTS[name] else {}),
-                 **({"chosen_kl": torch.rand(4, 7), "rejected_kl": torch.rand(4, 7)} if name == "sepo_kl" else {})}
-        if extra.get("ref_chosen_logps") is not None:
-            extra = {"ref_chosen_logps": torch.randn(4, 7, generator=g), "ref_rejected_logps": torch.randn(4, 7, generator=g)}
         out = TOKEN_LOSSES[name](*pair.values(), chosen_selection=selection[0], rejected_selection=selection[1],
                                  gamma=1.5, **extra, **off)
         assert torch.equal(out.losses, hard.losses) and torch.equal(out.chosen_rewards, hard.chosen_rewards)
@@ -333,7 +334,9 @@ def test_sdpo_by_hand():
     chosen a = ref - pi = [-0.5, 0.5]: rank 0.6 (2 - 1) = 0.6, tau = -0.5 + 0.6 (1) = 0.1 -> keeps token 1 (rho -0.5).
     rejected a = pi - ref = [-1, 0, -1], sorted [-1, -1, 0]: rank 1.2, tau = -1 + 0.2 (1) = -0.8 -> keeps token 1 (rho 0).
     h = -0.5 - 0 = -0.5, L = -log sigma(-0.25) = log(1 + e^0.25) = 0.8259394; rewards 0.5 (-0.5) = -0.25 and 0.
-    Only the kept tokens receive gradient."""
+    Only the kept tokens receive gradient.
+    quantile 0.5: chosen tau = 0 (token 1); rejected rank 1 lands on a value, tau = -1, and a_t >= tau keeps all
+    three (rho sum -2): h = -0.5 + 2 = 1.5, L = log(1 + e^-0.75) = 0.3868710."""
     pair = example()
     logps = pair["chosen_logps"].clone().requires_grad_()
     rejected = pair["rejected_logps"].clone().requires_grad_()
@@ -343,6 +346,8 @@ def test_sdpo_by_hand():
     out.loss.backward()
     assert logps.grad[0].ne(0).tolist() == [False, True, False]
     assert rejected.grad[0].ne(0).tolist() == [False, True, False]
+    median = sdpo_loss(*pair.values(), **REF, beta=0.5, quantile=0.5)
+    assert_close(median.losses, torch.tensor([0.3868710]))
 
 
 def test_row_quantile_is_torch_quantile_per_row():
