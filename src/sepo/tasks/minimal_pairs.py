@@ -216,8 +216,10 @@ def build_pairs(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int
         worse = insert(base_b, [(b, carrier_piece(e.carrier, e.worse)) for b, e in zip(at_b, edits)])
         worse_resp = assemble(worse)
         worse_gold = gold(worse_resp.text)
+        # its own stream: what decorate draws (and keeps) cannot shift the draws of the pairs after it
+        decorate_rng = random.Random(rng.getrandbits(64))
         if decorate is not None:
-            better = decorate(rng, better, worse_gold)
+            better = decorate(decorate_rng, better, worse_gold)
         better_resp = assemble(better)
         better_gold = gold(better_resp.text)
         draw, noise = rng.random(), rng.random()  # both drawn for every pair: a pair's labels do not shift others'

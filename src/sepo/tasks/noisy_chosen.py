@@ -18,7 +18,7 @@ random tokens) also teaches the junk, while a selection that finds the decisive 
   whitespace-separated chunks holding a junk character: :func:`gold_reward`. A policy that picks up any of
   the three habits loses reward for it.
 * **Key tokens** -- the edited words, as in minimal pairs (:func:`sepo.tasks.minimal_pairs.key_tokens`).
-* **Junk tokens** -- the tokens of the junk pieces, stored as character spans (``chosen_junk_spans``,
+* **Junk tokens** -- the tokens of the junk pieces (whole inserted sentences or debris), stored as character spans (``chosen_junk_spans``,
   ``rejected_junk_spans``): :func:`avoid_tokens` gives those of the chosen response, which a top-k selection
   should leave out.
 * **The oracle's data** -- an oracle trained on these pairs sees junk in every chosen response and learns to
@@ -92,7 +92,8 @@ def junk_piece(rng: random.Random, kind: str, pieces: Sequence[mp.Piece]) -> tup
         return rng.randint(0, len(pieces)), mp.Piece(text, kind="junk", mark=(-1, len(text))), 1
     used = set(sentiment.words(mp.assemble(pieces).text))
     word = rng.choice([w for w in mp.NEGATIVE_SLOT_WORDS if w not in used])
-    return rng.randint(0, len(pieces)), mp.carrier_piece(rng.choice(mp.CARRIERS), word, kind="junk"), 1
+    text = rng.choice(mp.CARRIERS).format(word)
+    return rng.randint(0, len(pieces)), mp.Piece(text, kind="junk", mark=(-1, len(text))), 1
 
 
 def junk_decorator(junk_spans: int, junk_kinds: Sequence[str], noise_share: float) -> mp.Decorate:
