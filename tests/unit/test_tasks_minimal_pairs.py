@@ -81,9 +81,12 @@ def test_span_mask_marks_the_tokens_of_a_hand_made_pair(tok):
     assert chosen[-1] is False and rejected[-1] is False  # EOS
     first = mp.key_tokens(tok, row, first_token_only=True)[1]
     assert [p for p, m in zip(pieces, first) if m] == ["\u2581sa"]
-    # the label goes against the gold reward: the edits make the chosen response worse, nothing is a key token
-    swapped = mp.key_tokens(tok, {**row, "chosen_gold": -1.0, "rejected_gold": 1.0})
-    assert not any(swapped[0]) and not any(swapped[1])
+    # by polarity: a negative word in the chosen response or a positive one in the rejected response is not key
+    swapped = {**row, "chosen": row["rejected"], "rejected": row["chosen"], "chosen_input_ids": row["rejected_input_ids"],
+               "rejected_input_ids": row["chosen_input_ids"], "chosen_key_spans": row["rejected_key_spans"],
+               "rejected_key_spans": row["chosen_key_spans"]}
+    assert not any(mp.key_tokens(tok, swapped)[0]) and not any(mp.key_tokens(tok, swapped)[1])
+    assert mp.edited_tokens(tok, swapped) == (rejected, chosen)  # the edits themselves are where they were
 
 
 def test_offsets_refuse_ids_of_another_tokenizer(tok, shared, pairs):
@@ -115,14 +118,15 @@ def test_edits_land_where_the_key_spans_say(pairs, tok):
         # the base is neutral: the lexicon words of each response are exactly its edited words
         assert set(words(row["chosen"])) & LEXICON == {w for w in cw if w in LEXICON}
         assert set(words(row["rejected"])) & LEXICON == {w for w in rw if w in LEXICON}
-        chosen, rejected = mp.key_tokens(tok, row)
-        # the two responses less their key tokens are the same tokens: the edits are all that differs
+        chosen, rejected = mp.edited_tokens(tok, row)
+        # the two responses less their edited tokens are the same tokens: the edits are all that differs
         assert mp.without(row["chosen_input_ids"], chosen) == mp.without(row["rejected_input_ids"], rejected)
         c, r = row["chosen_input_ids"], row["rejected_input_ids"]
         first = next(i for i, (a, b) in enumerate(zip(c, r)) if a != b)
-        assert chosen[first] and rejected[first]  # the first differing token is a key token on both sides
-        decoded = tok.decode([t for t, m in zip(c, chosen) if m])
-        assert words(decoded) == [w for w in cw]
+        assert chosen[first] and rejected[first]  # the first differing token is an edited token on both sides
+        assert words(tok.decode([t for t, m in zip(c, chosen) if m])) == cw
+        # the default edits are all positive vs negative, so every edited token is a key token of its side
+        assert (chosen, rejected) == mp.key_tokens(tok, row)
 
 
 def test_labels_follow_the_gold_reward(pairs):
@@ -143,6 +147,12 @@ def test_neutral_share_one_contrasts_every_edit_with_a_neutral_word(model, tok):
         cw, rw = span_words(row["chosen"], row["chosen_key_spans"]), span_words(row["rejected"], row["rejected_key_spans"])
         assert len(cw) == 3 and all(polarity(a) - polarity(b) == 1 for a, b in zip(cw, rw))
         assert all((a in mp.NEUTRAL_SLOT_WORDS) != (b in mp.NEUTRAL_SLOT_WORDS) for a, b in zip(cw, rw))
+        # key tokens by polarity: the positive words of the chosen side, the negative words of the rejected side
+        chosen, rejected = mp.key_tokens(tok, row)
+        assert words(tok.decode([t for t, m in zip(row["chosen_input_ids"], chosen) if m])) == [
+            w for w in cw if w in POSITIVE_WORDS]
+        assert words(tok.decode([t for t, m in zip(row["rejected_input_ids"], rejected) if m])) == [
+            w for w in rw if w in NEGATIVE_WORDS]
 
 
 def test_seeds_reproduce(model, tok, pairs):
@@ -175,7 +185,7 @@ def test_independent_contexts_differ_everywhere_but_are_decided_by_the_edits(mod
         cw, rw = span_words(row["chosen"], row["chosen_key_spans"]), span_words(row["rejected"], row["rejected_key_spans"])
         assert set(words(row["chosen"])) & LEXICON == {w for w in cw if w in LEXICON}
         assert sentiment(row["chosen"]) - sentiment(row["rejected"]) == sum(map(polarity, cw)) - sum(map(polarity, rw))
-        chosen, _ = mp.key_tokens(tok, row)
+        chosen, _ = mp.edited_tokens(tok, row)
         assert words(tok.decode([t for t, m in zip(row["chosen_input_ids"], chosen) if m])) == cw
 
 

@@ -15,10 +15,11 @@
   on any policy sample. On a pair it differs by the edits alone: 2 per opposite edit, 1 per neutral one.
 * **Labels** -- by the gold reward: deterministic (``bt_temperature`` 0, the default) or a Bradley-Terry draw
   P(y1 > y2) = sigmoid((r1 - r2) / bt_temperature); then flipped with probability ``label_noise``.
-* **Key tokens** -- exactly the tokens of the edited words (each with the space before it), stored as
-  character spans of the response text (``chosen_key_spans``, ``rejected_key_spans``) and mapped onto the
-  token ids through the tokenizer's offsets: :func:`key_tokens`. Take them out of both responses and what is
-  left is the same token sequence.
+* **Key tokens** -- the tokens of the edited words (each with the space before it), stored as character spans
+  of the response text (``chosen_key_spans``, ``rejected_key_spans``) and mapped onto the token ids through the
+  tokenizer's offsets: :func:`edited_tokens`. Take them out of both responses and what is left is the same
+  token sequence. By polarity (:func:`key_tokens`, what a top-k / bottom-k selection should find): the edited
+  positive words of the chosen response and the edited negative words of the rejected one.
 * ``shared_context=False`` gives each response its own base sample (they then differ in every token, as in
   the sentiment task, while the preference is still decided by the edits alone).
 
@@ -36,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.tasks.sentiment import LEXICON, gold_reward, words
+from sepo.tasks.sentiment import LEXICON, NEGATIVE_WORDS, POSITIVE_WORDS, gold_reward, words
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ JUNK_CHARS = frozenset("#$%&*+/<=>@[\\]^_`{|}~")
 _SENTENCE = re.compile(r"\S[^\n]*?(?:[.!?]+[\"'\u201d\u2019]*(?=\s|$)|(?=\n)|$)")
 _COMPLETE = re.compile(r"[.!?][\"'\u201d\u2019]*$")
 
-OPTIONS = {"num_edits": 2, "neutral_share": 0.5, "shared_context": True, "bt_temperature": 0.0}
+OPTIONS = {"num_edits": 2, "neutral_share": 0.0, "shared_context": True, "bt_temperature": 0.0}
 
 
 # --------------------------------------------------------------------------- building responses
@@ -336,15 +337,26 @@ def side_mask(tokenizer, row, side: str, column: str, *, first_token_only: bool 
     return span_mask(offsets, row[f"{side}_{column}"], first_token_only=first_token_only)
 
 
+def edited_tokens(tokenizer, row, *, first_token_only: bool = False) -> tuple[list[bool], list[bool]]:
+    """The tokens of every edited word of a pair, whatever its polarity: ``(chosen_mask, rejected_mask)``. In a
+    shared-context pair, taking them out of both responses leaves the same token sequence."""
+    return (side_mask(tokenizer, row, "chosen", "key_spans", first_token_only=first_token_only),
+            side_mask(tokenizer, row, "rejected", "key_spans", first_token_only=first_token_only))
+
+
 def key_tokens(tokenizer, row, *, first_token_only: bool = False) -> tuple[list[bool], list[bool]]:
-    """The edited tokens of a pair (``Task.key_tokens``), by polarity: in the chosen response the edits that make
-    it better, in the rejected one those that make it worse. When the label goes against the gold reward (a
-    Bradley-Terry draw or label noise) the edits make the chosen response worse, so neither side has key tokens."""
-    agree = row["chosen_gold"] > row["rejected_gold"]
+    """The key tokens of a pair (``Task.key_tokens``), by polarity, as in the sentiment task but only at the
+    edits: in the chosen response its edited *positive* words (the gold reward rises with them: a top-k selection
+    should find them), in the rejected one its edited *negative* words (what a bottom-k selection should find).
+    A neutral edited word carries no reward of its own and is a key token on neither side; when a label goes
+    against the gold reward (a Bradley-Terry draw or label noise) the chosen side's edits are the worse words, so
+    neither side has key tokens."""
     masks = []
-    for side in ("chosen", "rejected"):
-        mask = side_mask(tokenizer, row, side, "key_spans", first_token_only=first_token_only)
-        masks.append(mask if agree else [False] * len(mask))
+    for side, lexicon in (("chosen", POSITIVE_WORDS), ("rejected", NEGATIVE_WORDS)):
+        text = row[side]
+        spans = [sp for sp in row[f"{side}_key_spans"] if text[sp[0] : sp[1]].strip().lower() in lexicon]
+        offsets = response_offsets(tokenizer, row["prompt"], text, row[f"{side}_input_ids"])
+        masks.append(span_mask(offsets, spans, first_token_only=first_token_only))
     return masks[0], masks[1]
 
 

@@ -17,7 +17,9 @@ random tokens) also teaches the junk, while a selection that finds the decisive 
   ``REPETITION_WEIGHT`` x the share of repeated word trigrams) minus ``GARBLE_WEIGHT`` x the share of
   whitespace-separated chunks holding a junk character: :func:`gold_reward`. A policy that picks up any of
   the three habits loses reward for it.
-* **Key tokens** -- the edited words, as in minimal pairs (:func:`sepo.tasks.minimal_pairs.key_tokens`).
+* **Key tokens** -- the edited words, as in minimal pairs (:func:`sepo.tasks.minimal_pairs.key_tokens`: the
+  positive ones of the chosen response, the negative ones of the rejected response); the negative junk words
+  of a chosen response are not key tokens.
 * **Junk tokens** -- the tokens of the junk pieces (whole inserted sentences or debris), stored as character spans (``chosen_junk_spans``,
   ``rejected_junk_spans``): :func:`avoid_tokens` gives those of the chosen response, which a top-k selection
   should leave out.
@@ -45,7 +47,7 @@ REPEAT_COPIES = 2
 MIN_REPEAT_WORDS = 4  # a repeated sentence of fewer words may repeat no word trigram, and so cost nothing
 DEBRIS = ("<br>", "&nbsp;", "</p>", "<div>", "{{", "}}", "###", "@@", "|", "~~", "**", "[1]", "&amp;", "%%", "+++",
           "==", "/*", "*/", "<>", "^^")
-OPTIONS = {**mp.OPTIONS, "neutral_share": 0.0, "junk_spans": 2, "junk_kinds": list(JUNK_KINDS), "noise_share": 1.0}
+OPTIONS = {**mp.OPTIONS, "junk_spans": 2, "junk_kinds": list(JUNK_KINDS), "noise_share": 1.0}
 
 
 # --------------------------------------------------------------------------- gold reward
