@@ -271,7 +271,7 @@ def tokenized(rows: list[dict], tokenizer, model, *, junk: bool):
                       zip(pairs["prompt_input_ids"], pairs["chosen_input_ids"], pairs["rejected_input_ids"]))
         if longest > limit:
             raise ConfigError(f"a pair is {longest} tokens long, more than the model's {limit} positions; lower "
-                              "max_new_tokens (the base text) or num_edits")
+                              "max_new_tokens (the sampled base) or the sentences inserted into it (num_edits, junk_spans)")
     return pairs
 
 
