@@ -38,11 +38,14 @@ def test_gold_reward_hand_computed():
     -> 8 distinct trigrams, no repetition; 10 chunks, 2 holding a junk character -> 1 - 10 * 0.2 = -1.
     "Tom ran to the park. Tom ran to the park. Everyone felt glad.": +1; 13 words, 11 trigrams of which 3 repeat
     an earlier one (tom ran to, ran to the, to the park) -> repetition 3/11; 1 - 2 * 3/11.
-    "It was so sad. They were all lost.": -2, no repetition, no garble."""
+    "It was so sad. They were all lost.": -2, no repetition, no garble.
+    "He ran \ufffd\ufffd home fast.": 4 words, nothing else; 5 chunks, 1 of replacement characters (what undecodable
+    byte tokens decode to) -> 0 - 10 * 0.2 = -2."""
     assert nc.gold_reward("Everyone felt happy. <br> &nbsp; It was a long day.") == pytest.approx(-1.0)
     assert nc.gold_reward("Tom ran to the park. Tom ran to the park. Everyone felt glad.") == pytest.approx(
         1 - REPETITION_WEIGHT * 3 / 11)
     assert nc.gold_reward("It was so sad. They were all lost.") == -2.0
+    assert nc.gold_reward("He ran \ufffd\ufffd home fast.") == pytest.approx(-2.0)
     assert nc.garbled_share("a <b> c {{ x}} ok") == pytest.approx(3 / 6)
     assert nc.gold_reward_batch(["p", "q"], ["Everyone felt happy today.", "@@ ## It was a day."]) == [
         1.0, pytest.approx(-10 * 2 / 6)]

@@ -51,8 +51,9 @@ NEUTRAL_SLOT_WORDS = ("quiet", "busy", "warm", "cold", "slow", "hot", "wet", "re
                       "sleepy", "sunny", "windy", "cloudy", "far")
 CARRIERS = ("Everyone felt {}.", "They were all {}.", "The day was {}.", "It was so {}.")
 MAX_EDITS = 8
-JUNK_CHARS = frozenset("#$%&*+/<=>@[\\]^_`{|}~")
-"""Characters of scraped-web debris ("<br>", "&nbsp;"); stories do not use them."""
+JUNK_CHARS = frozenset("#$%&*+/<=>@[\\]^_`{|}~\ufffd")
+"""Characters of scraped-web debris ("<br>", "&nbsp;") and the replacement character that undecodable byte tokens
+decode to; stories do not use them."""
 
 # a sentence: up to terminal punctuation (and closing quotes) followed by whitespace, or up to a line break / the end
 _SENTENCE = re.compile(r"\S[^\n]*?(?:[.!?]+[\"'\u201d\u2019]*(?=\s|$)|(?=\n)|$)")
