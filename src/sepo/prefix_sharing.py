@@ -69,8 +69,8 @@ def packed_forward(model, shared: SharedPrefix, *, full_logits: bool = False, **
     return out.hidden_states[-1]
 
 
-def shared_response_log_probs(model, batch, mask: torch.Tensor, *, chunk_size: int, full_logits: bool = False,
-                              **overrides) -> torch.Tensor:
+def shared_response_log_probs(model, batch, mask: torch.Tensor, *, chunk_size: int | None = None,
+                              full_logits: bool = False, **overrides) -> torch.Tensor:
     """``sepo.models.response_log_probs`` of a batch carrying ``batch.shared``: the same (2B, R) fp32 grid, from
     one packed row per pair. ``mask`` (2B, R) says where log-probs are wanted."""
     from sepo.models import output_head, selective_head_supported
@@ -84,7 +84,7 @@ def shared_response_log_probs(model, batch, mask: torch.Tensor, *, chunk_size: i
                                   chunk_size, rows=s.logit_rows)
 
 
-def shared_response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int):
+def shared_response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int | None = None):
     """``sepo.models.response_log_probs_and_kl`` (TDPO) of a batch carrying ``batch.shared``: both models run the
     packed rows; policy log-probs, reference log-probs and per-token KL, each (2B, R) fp32."""
     from sepo.models import output_head
@@ -138,8 +138,7 @@ def prefix_sharing_supported(model, *, full_logits: bool = False) -> bool:
                 plain = response_log_probs(model, replace(batch, shared=None), full_logits=full_logits)  # (4, R)
 
                 def gap(**overrides) -> float:
-                    packed = shared_response_log_probs(model, batch, mask, chunk_size=64, full_logits=full_logits,
-                                                       **overrides)
+                    packed = shared_response_log_probs(model, batch, mask, full_logits=full_logits, **overrides)
                     return float((packed - plain)[mask].abs().max())
 
                 exact = gap()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sepo.core.losses import LOSSES, NEEDS_REFERENCE, get_loss
+from sepo.core.losses import LOSSES, is_reference_free, needs_reference, needs_reference_model
 from sepo.errors import ConfigError, SepoError
 
 
@@ -40,7 +40,7 @@ REF = {"ref_chosen_logps": torch.tensor([[-1.5, -1.5, 9.0]]), "ref_rejected_logp
 
 
 def call(name, pair, **kw):
-    extra = dict(REF) if name in NEEDS_REFERENCE else {}
+    extra = dict(REF) if needs_reference(name) else {}
     if name == "tdpo":
         extra |= {"chosen_kl": torch.tensor([[0.1, 0.2, 5.0]]), "rejected_kl": torch.tensor([[0.5, 0.5, 0.5]])}
     return LOSSES[name](pair["chosen_logps"], pair["rejected_logps"], pair["chosen_weights"], pair["rejected_weights"],
@@ -61,9 +61,14 @@ def test_dpo_and_cdpo(pair):
 
 
 def test_ipo(pair):
-    """beta = 0.5: (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; beta = 0.25: (2 - 2)^2 = 0."""
+    """beta = 0.5: (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; beta = 0.25: (2 - 2)^2 = 0.
+    length_normalize (TRL's form), beta = 0.5: ratio(y_w) / |y_w| = 0 / 2 = 0, ratio(y_l) / |y_l| = -2 / 3,
+    h = 2/3, L = (2/3 - 1)^2 = 1/9; rewards 0 and 0.5 (-2/3) = -1/3."""
     assert_close(call("ipo", pair, beta=0.5).losses, torch.tensor([1.0]))
     assert_close(call("ipo", pair, beta=0.25).losses, torch.tensor([0.0]))
+    out = call("ipo", pair, beta=0.5, length_normalize=True)
+    assert_close(out.losses, torch.tensor([1 / 9]))
+    assert_close((out.chosen_rewards, out.rejected_rewards), (torch.tensor([0.0]), torch.tensor([-1 / 3])))
 
 
 def test_rdpo(pair):
@@ -94,6 +99,17 @@ def test_rrhf(pair):
     swapped = {"chosen_logps": pair["rejected_logps"], "rejected_logps": pair["chosen_logps"],
                "chosen_weights": pair["rejected_weights"], "rejected_weights": pair["chosen_weights"]}
     assert_close(call("rrhf", swapped, alpha=0.5).losses, torch.tensor([1.5]))
+
+
+def test_rrhf_sum_is_the_papers_fine_tuning_term(pair):
+    """sft_reduction="sum": L_ft = -log pi(y_w) = 1 + 2 = 3; alpha = 1: L = 0 + 3 = 3.
+    Swapped, alpha = 0.5: max(0, -1.5 + 2) + 0.5 * 6 = 3.5."""
+    assert_close(call("rrhf", pair, sft_reduction="sum").losses, torch.tensor([3.0]))
+    swapped = {"chosen_logps": pair["rejected_logps"], "rejected_logps": pair["chosen_logps"],
+               "chosen_weights": pair["rejected_weights"], "rejected_weights": pair["chosen_weights"]}
+    assert_close(call("rrhf", swapped, alpha=0.5, sft_reduction="sum").losses, torch.tensor([3.5]))
+    with pytest.raises(SepoError, match="sft_reduction"):
+        call("rrhf", pair, sft_reduction="padded")
 
 
 def test_tdpo1_and_tdpo2(pair):
@@ -165,18 +181,41 @@ def test_beta_reaches_the_loss(name, pair):
     assert not torch.equal(call(name, pair, beta=0.1).losses, call(name, pair, beta=1.0).losses)
 
 
-@pytest.mark.parametrize("name", NEEDS_REFERENCE)
+@pytest.mark.parametrize("name", [n for n in LOSSES if needs_reference(n)])
 def test_a_reference_loss_without_reference_log_probs_is_an_error(name, pair):
     kl = {"chosen_kl": torch.zeros(1, 3), "rejected_kl": torch.zeros(1, 3)} if name == "tdpo" else {}
     with pytest.raises(SepoError, match="reference"):
         LOSSES[name](*pair.values(), **kl)
 
 
-def test_empty_selection_and_unknown_loss(pair):
-    with pytest.raises(SepoError, match="empty selection"):
-        call("sepo", dict(pair, rejected_weights=torch.zeros(1, 3)))
-    with pytest.raises(SepoError, match="known losses: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo"):
-        get_loss("ppo")
+def test_an_empty_selection_gives_a_zero_mean_not_a_device_check(pair):
+    """The losses do not check for an empty selection per call (train.check_pairs refuses it when the data is loaded);
+    a response with no counted token has a mean log-prob of 0 and no gradient. sepo, gamma = 1, rejected empty:
+    reward_w = -1.5, reward_l = 0, L = -log sigma(-1.5) = log(1 + e^1.5) = 1.7014132."""
+    logps = pair["rejected_logps"].clone().requires_grad_()
+    out = LOSSES["sepo"](pair["chosen_logps"], logps, pair["chosen_weights"], torch.zeros(1, 3))
+    assert_close(out.losses, torch.tensor([1.7014132]))
+    assert_close(out.rejected_rewards, torch.tensor([0.0]))
+    out.losses.sum().backward()
+    assert_close(logps.grad, torch.zeros(1, 3))
+
+
+def test_each_loss_says_what_reference_it_needs():
+    """Read off the signatures: one source of truth for the trainer and the pipeline."""
+    assert [n for n in LOSSES if needs_reference(n)] == ["dpo", "ipo", "rdpo", "rpo", "tdpo"]
+    assert [n for n in LOSSES if needs_reference_model(n)] == ["tdpo"]
+    assert [n for n in LOSSES if is_reference_free(n)] == ["sft", "simpo", "rrhf", "sepo"]
+
+
+def test_metric_sums_weight_each_pair(pair):
+    """Two pairs (the example, dpo beta = 0.5: loss 0.3132617, rewards 0 and -1) with weights 1 and 0: the sums are
+    the first pair's values; with weights 1 and 1 the loss sum doubles. metrics() are means, still tensors."""
+    two = {k: torch.cat([v, v]) for k, v in pair.items()}
+    ref = {k: torch.cat([v, v]) for k, v in REF.items()}
+    out = LOSSES["dpo"](*two.values(), **ref, beta=0.5)
+    assert_close(out.metric_sums(torch.tensor([1.0, 0.0])), torch.tensor([0.3132617, 0.0, -1.0, 1.0, 1.0]))
+    assert_close(out.metric_sums()[0], torch.tensor(2 * 0.3132617))
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.metrics().values())
 
 
 def test_train_config_routes_every_knob_and_refuses_ignored_ones():
