@@ -9,6 +9,7 @@ import sys
 from sepo import __version__
 from sepo.config import parse_cli
 from sepo.errors import SepoError
+from sepo.io import storage_error
 
 # command -> (module, config class, function, summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sepo: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, config_name, fn_name, summary = COMMANDS[name]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
+    cfg = None
     try:
         module = importlib.import_module(module_name)
         cfg = parse_cli(getattr(module, config_name), rest, prog=f"sepo {name}", description=summary)
@@ -64,7 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sepo {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # a full or read-only disk met outside a stage's own output (a cache, a log): still one line
+        fault = storage_error(e, getattr(cfg, "output", None) or ".")
+        if fault is None:
+            raise
+        print(f"sepo {name}: error: {fault}", file=sys.stderr)
+        return 2
     return 0
+
+
+def configure_logging() -> None:
+    """sepo's own progress at INFO, one plain line each; other libraries only from WARNING (matplotlib's
+    first-run "generated new fontManager", accelerate's and datasets' INFO chatter stay out)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("sepo").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -138,9 +138,12 @@ def _checked(fn: RewardFn, name: str) -> RewardFn:
 def _classifier_reward(path: str, device, batch_size: int) -> RewardFn:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from sepo.hub import hub_kwargs
+
+    hub = hub_kwargs("reward model", path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path, **hub)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **hub).to(device).eval()
     except Exception as e:  # transformers raises OSError / ValueError / hub errors
         raise SepoError(f"reward '{path}' is neither module:function nor a loadable sequence-classification "
                         f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

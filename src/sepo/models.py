@@ -22,6 +22,7 @@ import torch
 
 from sepo.core.logprobs import full_logits_log_probs, selective_log_probs, selective_log_probs_and_kl
 from sepo.errors import SepoError
+from sepo.hub import hub_hint, hub_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _refuse_missing_local_path(kind: str, name: str) -> None:
 def _load_error(kind: str, name: str, err: Exception) -> SepoError:
     local = Path(name).exists()
     hint = ("the folder exists but is not a complete Hugging Face checkpoint (config.json, weights, tokenizer files)"
-            if local else "not a local folder; as a hub id it could not be fetched (offline? set HF_HOME or pass a local path)")
+            if local else f"not a local folder, and {hub_hint()}")
     return SepoError(f"could not load {kind} '{name}': {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:300]})")
 
 
@@ -69,8 +70,9 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("tokenizer", name_or_path)
+    hub = hub_kwargs("tokenizer", name_or_path, revision=revision)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise _load_error("tokenizer", name_or_path, e) from None
     tok.padding_side = padding_side
@@ -102,8 +104,9 @@ def load_model_config(name_or_path: str, *, revision: str | None = None, trust_r
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("model", name_or_path)
+    hub = hub_kwargs("model", name_or_path, revision=revision)
     try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:
         raise _load_error("model", name_or_path, e) from None
 
@@ -140,7 +143,8 @@ def load_causal_lm(
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("model", name_or_path)
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code,
+              **hub_kwargs("model", name_or_path, revision=revision)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     dtype_value = resolve_dtype(dtype)

@@ -247,12 +247,17 @@ def _from_dataset(dataset, label: str) -> SourceTable:
 def _read_hub(source: str, split: str, subset_name: str | None) -> SourceTable:
     import datasets
 
+    from sepo.hub import hub_hint, hub_offline, probe, unreachable_error
+
+    err = None if hub_offline() else probe(source, "dataset")
+    if err is not None:  # datasets would retry for half a minute, then fail anyway
+        raise unreachable_error("data", source, err)
     try:
         loaded = datasets.load_dataset(source, subset_name, split=split)
     except Exception as e:  # hub, network and builder errors come in many types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise SepoError(
             f"could not load '{source}': it is not a local file or folder, and as a hub dataset id (split "
-            f"'{split}') it could not be loaded ({type(e).__name__}: {first}). Check the path, or the id, "
-            "--split and --subset-name, and that the hub is reachable (HF_HUB_OFFLINE unset)") from None
+            f"'{split}') it could not be loaded ({type(e).__name__}: {first}); {hub_hint()}, and --split and "
+            "--subset-name") from None
     return _from_dataset(loaded, f"{source} [{split}]")

@@ -20,7 +20,7 @@ from sepo.config import option, to_dict
 from sepo.data import DataOptions, load_preference_data, pairs_metadata, tokenize_pairs
 from sepo.data.load import recorded_name
 from sepo.errors import ConfigError, SepoError
-from sepo.io import save_dataset
+from sepo.io import owns_output, save_dataset
 
 BOUNDARY = "⟦|⟧"
 PERCENTILES = (50, 90, 99)
@@ -165,6 +165,7 @@ def inspect(cfg: DataInspectConfig) -> dict:
     return report
 
 
+@owns_output()
 def prepare(cfg: DataPrepareConfig) -> Path:
     """Tokenize ``cfg.path`` with ``cfg.tokenizer`` and write it to ``cfg.output``; returns the folder."""
     from sepo.models import load_tokenizer

@@ -21,7 +21,7 @@ from pathlib import Path
 from sepo import __version__
 from sepo.config import from_dict, option
 from sepo.errors import ConfigError
-from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, save_dataset
+from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, owns_output, save_dataset
 
 log = logging.getLogger(__name__)
 GOLD = "sepo.tasks.sentiment:gold_reward_batch"
@@ -108,6 +108,7 @@ def selection_quality(tokenizer, folder: Path) -> dict:
     return quality(sel, key)
 
 
+@owns_output()
 def run(cfg: DemoConfig) -> dict:
     import torch
 

@@ -30,7 +30,7 @@ from sepo.evaluation import (
     preference_accuracy,
     win_rate,
 )
-from sepo.io import atomic_dir, atomic_write_json, write_metadata
+from sepo.io import atomic_dir, atomic_write_json, owns_output, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def load_eval_pairs(data: str, tokenizer, options: DataOptions):
     return ds
 
 
+@owns_output()
 def run(cfg: EvalConfig) -> dict:
     from accelerate import Accelerator
 

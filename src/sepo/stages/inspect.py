@@ -24,7 +24,7 @@ from sepo.config import option, to_dict
 from sepo.core.rewards import concentration, concentration_curve, pair_contributions
 from sepo.core.selection import SIDES
 from sepo.errors import ConfigError, SepoError
-from sepo.io import arrow_table, atomic_dir, load_dataset_dir, write_metadata
+from sepo.io import arrow_table, atomic_dir, load_dataset_dir, owns_output, write_metadata
 from sepo.stages.select import check_token_aligned, flat_column, pad_rows, token_pieces
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,12 @@ def render_html(rows: list[dict], tokenizer, scale: float, title: str) -> str:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def report_folder(cfg: InspectConfig) -> Path | None:
+    return Path(cfg.output) if cfg.output else Path(cfg.scores).parent / f"{Path(cfg.scores).name}-inspect" \
+        if cfg.scores else None
+
+
+@owns_output(report_folder)
 def run(cfg: InspectConfig) -> dict:
     import matplotlib
 
@@ -120,7 +126,7 @@ def run(cfg: InspectConfig) -> dict:
 
     if not cfg.scores:
         raise ConfigError("sepo inspect needs --scores (a `sepo score` or `sepo select` folder)")
-    out = Path(cfg.output) if cfg.output else Path(cfg.scores).parent / f"{Path(cfg.scores).name}-inspect"
+    out = report_folder(cfg)
     if out.exists() and not cfg.overwrite:
         raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
 

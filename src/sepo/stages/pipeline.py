@@ -41,6 +41,7 @@ from sepo.io import (
     atomic_write_text,
     fingerprint,
     load_dataset_dir,
+    owns_output,
     save_dataset,
 )
 
@@ -306,6 +307,7 @@ def _resumable(stage_cfg, folder: Path):
 # --------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: PipelineConfig) -> dict:
     if not cfg.data:
         raise ConfigError("sepo pipeline needs data (a preference dataset)")

@@ -37,6 +37,7 @@ from sepo.io import (
     dataset_fingerprint,
     fingerprint,
     load_dataset_dir,
+    owns_output,
     read_metadata,
     save_dataset,
 )
@@ -157,6 +158,7 @@ def _save_shard(folder: Path, start: int, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: ScoreConfig):
     import datasets
     from accelerate import Accelerator

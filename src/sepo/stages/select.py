@@ -23,7 +23,7 @@ from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, magnitude_quantile, select
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.io import arrow_table, load_dataset_dir, save_dataset
+from sepo.io import arrow_table, load_dataset_dir, owns_output, save_dataset
 
 log = logging.getLogger(__name__)
 # rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python
@@ -191,6 +191,7 @@ def project_to_policy(ds, oracle_tok, policy_tok) -> dict[str, list]:
 # ---------------------------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: SelectConfig):
     import datasets
     import pyarrow as pa
