@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         module = importlib.import_module(module_name)
-        cfg = parse_cli(getattr(module, config_name), rest, prog=f"sepo {name}", description=summary)
+        cfg = parse_cli(getattr(module, config_name), rest, prog=f"sepo {name}", description=summary,
+                        examples=docstring_examples(module, name))
         getattr(module, fn_name)(cfg)
     except SepoError as e:
         print(f"sepo {name}: error: {e}", file=sys.stderr)
@@ -74,6 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sepo {name}: error: {fault}", file=sys.stderr)
         return 2
     return 0
+
+
+def docstring_examples(module, name: str) -> list[str]:
+    """The ``sepo <name> ...`` lines of a stage module's docstring (a trailing backslash continues a line)."""
+    lines, current = [], ""
+    for raw in (module.__doc__ or "").splitlines():
+        text = " ".join(raw.split())  # a backslash-newline in the docstring already joined two lines
+        if current:
+            current += " " + text
+        elif text.startswith(f"sepo {name} "):
+            current = text
+        else:
+            continue
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+            continue
+        lines.append(current)
+        current = ""
+    return lines
 
 
 def configure_logging() -> None:

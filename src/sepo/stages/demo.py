@@ -1,5 +1,7 @@
 """`sepo demo [--quick]`: SePO end to end on the embedded task, where the gold reward and the key tokens are known.
 
+    sepo demo --quick --output runs/demo-quick
+
 1. Task: story openings (``sepo.tasks.sentiment``); two continuations per prompt sampled from the bundled
    stories260K model, labelled by a Bradley-Terry draw on the gold sentiment reward; held-out prompts for eval.
 2. ``sepo pipeline`` on that data: a DPO oracle on a random subset, token rewards, k = 30% selection, and the

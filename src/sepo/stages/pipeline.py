@@ -1,5 +1,7 @@
 """`sepo pipeline CONFIG.yaml [key=value ...]`: sft -> oracle -> score -> select -> train -> eval, resumable.
 
+    sepo pipeline configs/hh_rlhf_cpu.yaml train.learning_rate=1e-5 --output runs/hh
+
 Every stage writes its own folder under ``output`` and, when it finished, a marker ``<folder>.done.json``
 holding the settings it ran with. A rerun skips stages whose marker matches, so after a crash the same
 command continues with the stage that did not finish (a training stage resumes from its last checkpoint).
