@@ -199,8 +199,9 @@ def output_lock(output: str | os.PathLike, *, stage: str = "") -> Iterator[None]
     info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
             "command": _command_line(),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.write(fd, (json.dumps(info) + "\n").encode())
+    with contextlib.suppress(OSError):  # who holds it is for the message only: a full disk must not stop the run
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
     _HELD[key] = [fd, 1]
     try:
         yield
@@ -316,9 +317,27 @@ def read_metadata(folder: str | os.PathLike) -> dict:
         raise SepoError(f"{path} is not valid JSON ({e}); delete the folder and rerun the stage that wrote it") from None
 
 
+PROGRESS_MIN_ROWS = 5000  # datasets' own progress bars only for operations long enough to be worth watching
+
+
+@contextlib.contextmanager
+def datasets_progress(show: bool) -> Iterator[None]:
+    """datasets' progress bars on or off for a block (their switch is global, so it is restored after)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not show:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def save_dataset(dataset, folder: str | os.PathLike, metadata: dict, *, overwrite: bool = False) -> Path:
     """Save a `datasets.Dataset` plus its metadata JSON atomically."""
-    with atomic_dir(folder, overwrite=overwrite) as tmp:
+    with atomic_dir(folder, overwrite=overwrite) as tmp, datasets_progress(len(dataset) > PROGRESS_MIN_ROWS):
         dataset.save_to_disk(str(tmp))
         write_metadata(tmp, metadata)
     return Path(folder)
@@ -354,7 +373,10 @@ def fingerprint(*parts: Any) -> str:
 def arrow_table(dataset):
     """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
     applied first), for column-wise reads with no Python lists."""
-    return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
+    if dataset._indices is not None:
+        with datasets_progress(False):
+            dataset = dataset.flatten_indices()
+    return dataset.data.table
 
 
 def dataset_fingerprint(ds, columns: Iterable[str]) -> str:

@@ -13,8 +13,8 @@ last hidden state is not what the head consumes -- it falls back to materialisin
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,16 +79,22 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     return ensure_pad_token(tok)
 
 
+_pad_said: set[tuple[str, str]] = set()
+
+
 def ensure_pad_token(tokenizer):
-    """Give a tokenizer without a pad token one, loudly. Pad positions are always masked out, so reusing
-    EOS (or UNK) is safe; the assignment is recorded in every dataset's metadata."""
+    """Give a tokenizer without a pad token one, saying so once per tokenizer and process. Pad positions are
+    always masked out, so reusing EOS (or UNK) is safe; the assignment is recorded in every dataset's metadata."""
     if tokenizer.pad_token_id is None:
         fallback = "eos_token" if tokenizer.eos_token is not None else "unk_token"
         token = getattr(tokenizer, fallback)
         if token is None:
             raise SepoError("the tokenizer has neither a pad, an EOS nor an UNK token; add a pad token to it first")
-        warnings.warn(f"tokenizer has no pad token; using its {fallback} {token!r} (id "
-                      f"{tokenizer.convert_tokens_to_ids(token)}) for padding", stacklevel=2)
+        key = (getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, token)
+        if key not in _pad_said:
+            _pad_said.add(key)
+            log.warning("tokenizer %s has no pad token; padding with its %s %r (id %d), always masked out", key[0],
+                        fallback, token, tokenizer.convert_tokens_to_ids(token))
         tokenizer.pad_token = token
     return tokenizer
 
@@ -96,6 +102,15 @@ def ensure_pad_token(tokenizer):
 def context_limit(config) -> int | None:
     """How many positions a model takes, from its config (None where the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def shortest_context(**models: str | None) -> tuple[int | None, str]:
+    """The fewest positions among the named models (``oracle="runs/oracle", reference="stories260k"``) and which
+    one that is, e.g. ``(512, "the oracle stories260k")``: what raw data is truncated to when ``max_length`` is
+    unset (``sepo.data.options.with_lengths``). ``(None, "")`` when no config says."""
+    found = [(context_limit(load_model_config(name)), f"the {role} {name}") for role, name in models.items() if name]
+    found = [(n, who) for n, who in found if n]
+    return min(found) if found else (None, "")
 
 
 def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -151,7 +166,8 @@ def load_causal_lm(
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype_value
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with _weights_progress(name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
         raise _load_error("model", name_or_path, e) from None
     if gradient_checkpointing and trainable:
@@ -170,6 +186,28 @@ def load_causal_lm(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+LOADING_BAR_MIN_BYTES = 2**30
+
+
+@contextlib.contextmanager
+def _weights_progress(name_or_path: str):
+    """transformers' "Loading weights" bar only for a checkpoint big enough to take a while (a local folder
+    under 1 GiB loads in moments, and its bar on every load is noise). The switch is global: restored after."""
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(name_or_path)
+    small = folder.is_dir() and sum(f.stat().st_size for f in folder.glob("*.safetensors")) + \
+        sum(f.stat().st_size for f in folder.glob("*.bin")) < LOADING_BAR_MIN_BYTES
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if small:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if small and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def unwrap(model):

@@ -338,12 +338,13 @@ def run(cfg: PipelineConfig) -> dict:
     # ------------------------------------------------------------------ data: train / eval split, tokenized once
     def prepare_data():
         from sepo.data import load_pairs
-        from sepo.models import load_tokenizer, tokenizer_fingerprint
+        from sepo.models import load_tokenizer, shortest_context, tokenizer_fingerprint
 
         tok = load_tokenizer(base_reference(cfg, run_dir))
-        train = load_pairs(cfg.data, tok, cfg.data_options)[0]
+        fit = dict(zip(("context", "whose"), shortest_context(reference=base_reference(cfg, run_dir), policy=cfg.policy)))
+        train = load_pairs(cfg.data, tok, cfg.data_options, **fit)[0]
         if cfg.eval_data:
-            held_out = load_pairs(cfg.eval_data, tok, cfg.data_options)[0]
+            held_out = load_pairs(cfg.eval_data, tok, cfg.data_options, **fit)[0]
         else:
             split = train.train_test_split(test_size=min(cfg.eval_size, len(train) // 2), seed=cfg.seed)
             train, held_out = split["train"], split["test"]
@@ -354,7 +355,7 @@ def run(cfg: PipelineConfig) -> dict:
         save_dataset(train, run_dir / "data" / "train", {**meta, "num_rows": len(train)}, overwrite=True)
         save_dataset(held_out, run_dir / "data" / "eval", {**meta, "num_rows": len(held_out)}, overwrite=True)
         if cfg.score_data:
-            other = load_pairs(cfg.score_data, tok, cfg.data_options)[0]
+            other = load_pairs(cfg.score_data, tok, cfg.data_options, **fit)[0]
             save_dataset(other, run_dir / "data" / "score", {**meta, "source": cfg.score_data,
                                                                "num_rows": len(other)}, overwrite=True)
 

@@ -169,6 +169,7 @@ def run(cfg: ScoreConfig):
         context_limit,
         load_causal_lm,
         load_tokenizer,
+        shortest_context,
         tokenizer_fingerprint,
     )
 
@@ -190,7 +191,9 @@ def run(cfg: ScoreConfig):
     with accelerator.main_process_first():
         from sepo.data import load_pairs  # a sepo folder as it is, anything else read and tokenized now
 
-        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)  # refuses another tokenizer's ids
+        context, whose = shortest_context(oracle=cfg.oracle, reference=cfg.reference)  # raw data is cut to fit them
+        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options, context=context,
+                                          whose=whose)  # refuses another tokenizer's ids
     # a scored or selected folder scored again: its old rewards and the masks chosen from them go
     pairs = pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names])
 
