@@ -166,7 +166,7 @@ def load_causal_lm(
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype_value
     try:
-        with _weights_progress(name_or_path):
+        with transformers_progress(not is_small_model(name_or_path)):
             model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
         raise _load_error("model", name_or_path, e) from None
@@ -192,22 +192,29 @@ LOADING_BAR_MIN_BYTES = 2**30
 
 
 @contextlib.contextmanager
-def _weights_progress(name_or_path: str):
-    """transformers' "Loading weights" bar only for a checkpoint big enough to take a while (a local folder
-    under 1 GiB loads in moments, and its bar on every load is noise). The switch is global: restored after."""
+def transformers_progress(show: bool):
+    """transformers' own progress bars ("Loading weights", "Writing model shards") on or off for a block; the
+    switch is global, so it is restored after."""
     from transformers.utils import logging as hf_logging
 
-    folder = Path(name_or_path)
-    small = folder.is_dir() and sum(f.stat().st_size for f in folder.glob("*.safetensors")) + \
-        sum(f.stat().st_size for f in folder.glob("*.bin")) < LOADING_BAR_MIN_BYTES
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if small:
+    if not show:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if small and was_enabled:
+        if not show and was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def is_small_model(parameters_or_path) -> bool:
+    """Under 1 GiB of weights (a local folder's weight files, or a model's parameters): loaded or saved in
+    moments, so a progress bar for it is noise."""
+    if isinstance(parameters_or_path, (str, Path)):
+        folder = Path(parameters_or_path)
+        return folder.is_dir() and sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                                       for f in folder.glob(pattern)) < LOADING_BAR_MIN_BYTES
+    return sum(p.numel() * p.element_size() for p in parameters_or_path) < LOADING_BAR_MIN_BYTES
 
 
 def unwrap(model):
