@@ -294,9 +294,8 @@ def override_example(cls: type) -> str:
             if (f.metadata.get("positional") or f.default is dataclasses.MISSING or f.default is None
                     or isinstance(f.default, bool) or name in ("output", "overwrite")):
                 continue
-            if isinstance(f.default, (bool, int, float, str)):
-                value = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
-                return f"{prefix}{name}={value}"
+            if isinstance(f.default, (int, float, str)):
+                return f"{prefix}{name}={f.default}"
     return ""
 
 

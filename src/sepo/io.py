@@ -83,6 +83,9 @@ def storage_error(err: BaseException, where: str | os.PathLike) -> SepoError | N
             target = Path(str(filename)).parent
         if code in _NO_SPACE_ERRNOS or _NO_SPACE_TEXT.search(str(e)) or (
                 _WRITE_FAILED_TEXT.search(str(e)) and _nearly_full(target)):
+            if target != where:  # e.g. datasets' temporary Arrow files, under TMPDIR
+                return SepoError(f"no space left on device while writing {target} (working files, not the output "
+                                 f"{where}); free space there, or set TMPDIR to a folder with room")
             return SepoError(f"no space left on device while writing {target}; free space or choose another output")
         if code == errno.EROFS:
             return SepoError(f"cannot write {target}: it is on a read-only filesystem; choose another output")
