@@ -45,6 +45,37 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` while a run writes into it: a second run of the same output fails at
+    once instead of both writing the same files. The operating system releases it when the process ends, however
+    it ends (a killed run leaves no stale lock)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; run unguarded
+        yield folder
+        return
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise SepoError(f"{folder} is in use by another `{command}` run (pid {holder}); wait for it to finish "
+                            "or choose another output folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()  # closing releases the lock
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
