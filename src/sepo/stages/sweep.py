@@ -19,21 +19,18 @@ What every point shares is computed once, by `sepo pipeline` runs (their stages 
 
 A point = a method (a ``sepo train`` loss on a selection: a variant's oracle selection, its random control,
 or all tokens), one value of each of its strength axes (any train key given as a list), and a training
-seed. Points run in ``jobs`` worker processes (spawned; ``threads`` torch threads each) under one progress
-bar; a killed sweep resumes point by point. docs/sweep.md documents the config and the outputs.
+seed. The data and the SFT are made in this process; the variants and the points run in ``jobs`` worker
+processes, each as soon as what it reads exists (sepo.stages.sweep_jobs), under one progress bar; a killed
+sweep resumes point by point. docs/sweep.md documents the config and the outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import os
 import re
-import shutil
-import signal
-import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -53,8 +50,6 @@ VARIANT_KEYS = ("reference", "sft", "oracle_fraction", "oracle", "score", "selec
 OWNED_TRAIN_KEYS = ("model", "data", "output", "reference", "seed", "resume", "overwrite")
 OWNED_EVAL_KEYS = ("model", "reference", "data", "output", "reward", "seed", "overwrite", "vocabulary_data",
                    "generator_name", "accuracy_metric")
-SAMPLE_TEXTS = 3  # sample texts kept in each point's row
-FAULT_ENV = "SEPO_FAULT_KILL_SWEEP_AFTER_POINTS"  # fault injection for the resume test: SIGKILL after N points
 
 
 @dataclass
@@ -181,7 +176,6 @@ class Point:
     key: str  # fingerprint of everything it depends on: a result with another key is stale
     train: Any | None  # TrainConfig; None for the reference
     eval: Any  # EvalConfig
-    token_fraction: float
     keep_policy: bool
 
     @property
@@ -201,7 +195,6 @@ class Plan:
     variants: dict[str, Variant]
     points: list[Point]  # the reference first
     data_key: str
-    token_fractions: dict[tuple[str, str], float]
 
 
 def _list_typed(cls) -> set[str]:
@@ -385,10 +378,9 @@ def _method_specs(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None,
-         token_fractions: dict[tuple[str, str], float] | None = None) -> Plan:
-    """Every variant and point, each config built and validated (nothing runs). ``num_eval_prompts`` and
-    ``token_fractions`` are known once the shared stages ran; before, placeholders stand in."""
+def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) -> Plan:
+    """Every variant and point, each config built and validated (nothing runs). ``num_eval_prompts`` is known
+    once the held-out split exists; before, a placeholder stands in."""
     from sepo.stages.pipeline import REFERENCE_FREE, _build, stage_configs
     from sepo.stages.train import TrainConfig
 
@@ -425,7 +417,7 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None,
     ref_eval = eval_config(policy, points_dir / "reference", cfg.seeds[0], "logprob", "reference")
     points = [Point(id="reference", method="reference", loss=None, selection="none", variant=None, strength={},
                     strength_label="", seed=cfg.seeds[0], key=fingerprint(data_key, to_dict(ref_eval), __version__),
-                    train=None, eval=ref_eval, token_fraction=0.0, keep_policy=cfg.keep_policies)]
+                    train=None, eval=ref_eval, keep_policy=cfg.keep_policies)]
     shared_fixed, shared_axes = split_axes(cfg.train, TrainConfig, "train")
     for name, m in specs.items():
         own_fixed, own_axes = split_axes(m["train"], TrainConfig, f"methods.{name}")
@@ -437,8 +429,6 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None,
                 f"{name}[{axis_label(variant.settings['axes'])}]"
             data = {"oracle": lambda v: str(v.folder / "selected"), "random": lambda v: str(v.folder / "selected-random"),
                     "none": lambda v: train_dir}[m["selection"]](variant)
-            fraction = 1.0 if m["selection"] == "none" else \
-                (token_fractions or {}).get((variant.name, m["selection"]), float("nan"))
             for values in _grid(axes):
                 label = axis_label(values) or "default"
                 for seed in cfg.seeds:
@@ -455,7 +445,7 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None,
                     points.append(Point(id=f"{curve}/{label}/seed-{seed}", method=curve, loss=m["loss"],
                                         selection=m["selection"], variant=variant.name if variant else None,
                                         strength=strength, strength_label=axis_label(strength) or "default",
-                                        seed=seed, key=key, train=train_cfg, eval=eval_cfg, token_fraction=fraction,
+                                        seed=seed, key=key, train=train_cfg, eval=eval_cfg,
                                         keep_policy=cfg.keep_policies))
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
@@ -464,7 +454,7 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None,
     # the order points run in: seed by seed, so that a sweep stopped half-way holds whole seeds
     order = {s: i for i, s in enumerate(cfg.seeds)}
     points[1:] = sorted(points[1:], key=lambda p: order[p.seed])
-    return Plan(out, base, policy, variants, points, data_key, token_fractions or {})
+    return Plan(out, base, policy, variants, points, data_key)
 
 
 # --------------------------------------------------------------------------- run
@@ -497,23 +487,23 @@ def execute(cfg: SweepConfig) -> SweepResult:
     """The sweep without printing its summary (``sepo demo`` prints its own)."""
     import torch
 
+    from sepo.stages import sweep_jobs, sweep_report
+
     out = Path(cfg.output)
     plan(cfg, out)  # every config validated before anything runs
     threads = resolved_threads(cfg)
     threads_before = torch.get_num_threads()
     started = time.time()
     with run_lock(out, "sepo sweep"):
+        _check_same_sweep(cfg, out)
         torch.set_num_threads(threads)
         try:
-            _check_same_sweep(cfg, out)
-            shared = _prepare_shared(cfg, out)
+            num_eval_prompts = _prepare_base(cfg, out)
         finally:
             torch.set_num_threads(threads_before)  # a library call leaves global state as it was
-        full = plan(cfg, out, **shared)
-        _run_points(full, cfg.jobs, threads)
+        full = plan(cfg, out, num_eval_prompts=num_eval_prompts)
+        sweep_jobs.run_jobs(full, cfg.jobs, threads)
         rows = _collect(full)
-        from sepo.stages import sweep_report
-
         summary = sweep_report.write(cfg, full, rows, seconds=time.time() - started)
     return SweepResult(out, full, rows, summary, summary["markdown"], round(time.time() - started, 1))
 
@@ -533,32 +523,20 @@ def _check_same_sweep(cfg: SweepConfig, out: Path) -> None:
         atomic_write_json(path, settings)
 
 
-# --------------------------------------------------------------------------- phase 1: shared data, oracles, selections
+# --------------------------------------------------------------------------- phase 1: data and the starting models
 
 
-def _prepare_shared(cfg: SweepConfig, out: Path) -> dict:
-    """Task data, the base pipeline (data split, SFT) and every variant's pipeline (oracle, scores, selections);
-    -> what the final plan needs: the number of eval prompts and each selection's token fraction."""
+def _prepare_base(cfg: SweepConfig, out: Path) -> int:
+    """The task's pairs (or the data read), the held-out split and the SFT, in this process: everything else
+    depends on them. -> the number of held-out prompts every point generates for."""
     from sepo.io import load_dataset_dir
     from sepo.stages import pipeline
 
     if cfg.task is not None:
         _generate_task_pairs(cfg, out)
     pipeline.run(base_pipeline(cfg, out))
-    draft = plan(cfg, out)
-    fractions = {}
-    for variant in draft.variants.values():
-        log.info("== shared variant %s -> %s", variant.name, variant.folder)
-        try:
-            pipeline.run(variant.pipeline)
-        except SepoError as e:
-            raise type(e)(f"variant {variant.name}: {e}") from None
-        for selection, folder in (("oracle", "selected"), ("random", "selected-random")):
-            if (variant.folder / folder).is_dir():
-                fractions[(variant.name, selection)] = pipeline.token_fraction(load_dataset_dir(variant.folder / folder)[0])
     eval_pairs, _ = load_dataset_dir(out / "base" / "data" / "eval", ("prompt",))
-    return {"num_eval_prompts": cfg.eval.get("num_prompts") or len(set(eval_pairs["prompt"])),
-            "token_fractions": fractions}
+    return cfg.eval.get("num_prompts") or len(set(eval_pairs["prompt"]))
 
 
 def _generate_task_pairs(cfg: SweepConfig, out: Path) -> None:
@@ -595,173 +573,14 @@ def _generate_task_pairs(cfg: SweepConfig, out: Path) -> None:
     StageRunner(out, rerun=[])("task", out / "task", settings, generate)
 
 
-# --------------------------------------------------------------------------- phase 2: the points, in worker processes
+# --------------------------------------------------------------------------- phase 3: rows
 
 
-def _done(point: Point) -> bool:
-    if not point.result_path.is_file():
-        return False
-    try:
-        return json.loads(point.result_path.read_text(encoding="utf-8")).get("key") == point.key
-    except (json.JSONDecodeError, OSError):
-        return False
-
-
-def _cache_group(point: Point) -> tuple | None:
-    """Points whose training reads the same cached reference log-probs (computed by the first of them)."""
-    from sepo.core.losses import NEEDS_REFERENCE, NEEDS_REFERENCE_MODEL
-
-    t = point.train
-    if t is None or t.loss not in NEEDS_REFERENCE or t.loss in NEEDS_REFERENCE_MODEL:
-        return None
-    return (t.data, t.reference or t.model, t.dtype)
-
-
-def _run_points(plan_: Plan, jobs: int, threads: int) -> None:
-    """Every point not done yet, in ``jobs`` spawned workers with ``threads`` torch threads each, under one
-    progress bar. A point that shares a reference cache with an earlier one waits for it (one computes it)."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    from tqdm.auto import tqdm
-
-    todo = [p for p in plan_.points if not _done(p)]
-    total = len(plan_.points)
-    log.info("== points: %d in all, %d done, %d to run in %d worker(s) x %d torch thread(s)", total,
-             total - len(todo), len(todo), min(jobs, len(todo)) if todo else 0, threads)
-    if not todo:
-        return
-    leaders: dict[tuple, str] = {}
-    waits_for: dict[str, str] = {}
-    for p in todo:
-        group = _cache_group(p)
-        if group is not None:
-            if group in leaders:
-                waits_for[p.id] = leaders[group]
-            else:
-                leaders[group] = p.id
-    finished: set[str] = set()
-    kill_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-    pending = list(todo)
-    context = multiprocessing.get_context("spawn")
-    bar = tqdm(total=total, initial=total - len(todo), unit="point", desc="sweep", dynamic_ncols=True)
-    try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context, initializer=_init_worker,
-                                 initargs=(threads, os.getpid())) as pool:
-            running: dict[Any, Point] = {}
-            while pending or running:
-                for p in [p for p in pending if waits_for.get(p.id, p.id) in finished or p.id not in waits_for]:
-                    if len(running) >= jobs:
-                        break
-                    pending.remove(p)
-                    running[pool.submit(run_point, p)] = p
-                if not running:  # every pending point waits for a leader that failed to finish
-                    raise SepoError(f"points {', '.join(p.id for p in pending)} are waiting for a point that did not "
-                                    "finish; rerun to resume")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    p = running.pop(future)
-                    try:
-                        row = future.result()
-                    except BrokenProcessPool:
-                        raise SepoError(f"a worker process died while running point {p.id} (killed, or out of "
-                                        f"memory?); its log: {p.folder / 'log.txt'}. Rerun the same command to resume: "
-                                        "finished points are kept") from None
-                    finished.add(p.id)
-                    if row.get("status") != "ok":
-                        tqdm.write(f"point {p.id} failed: {row.get('error')} (log: {p.folder / 'log.txt'})")
-                    bar.set_postfix_str(p.id, refresh=False)
-                    bar.update(1)
-                    if kill_after and bar.n - (total - len(todo)) >= kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)  # an honest crash, for the resume test
-    finally:
-        bar.close()
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    """A worker: dies with the sweep (no orphan keeps writing into a point a resumed sweep reruns), uses
-    ``threads`` torch threads, and logs to each point's log.txt."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the sweep died before prctl took effect
-        os._exit(1)
-    import torch
-
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with contextlib.suppress(ImportError):
-        import datasets
-
-        datasets.disable_progress_bars()
-
-
-@contextlib.contextmanager
-def _output_to(path: Path):
-    """Everything this process writes to stdout and stderr (logs, warnings, progress bars) goes to ``path``."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(path, "a", encoding="utf-8") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
-def run_point(point: Point) -> dict:
-    """Train (resuming or replacing a half-done policy), evaluate, and write result.json last."""
-    from sepo.stages import evaluate, train
-    from sepo.stages.pipeline import _resumable
-
-    folder = point.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    row: dict[str, Any] = {
-        "id": point.id, "method": point.method, "loss": point.loss, "selection": point.selection,
-        "variant": point.variant, "strength": point.strength, "strength_label": point.strength_label,
-        "seed": point.seed, "token_fraction": point.token_fraction, "key": point.key}
-    with _output_to(folder / "log.txt"):
-        log.info("== point %s (%s)", point.id, time.strftime("%Y-%m-%d %H:%M:%S"))
-        try:
-            if point.train is not None:
-                trained = train.run(_resumable(point.train, Path(point.train.output)))
-                row.update(train_steps=trained.steps, train_loss=trained.metrics.get("final_loss"))
-            metrics = evaluate.run(point.eval)
-        except SepoError as e:
-            log.error("point %s failed: %s", point.id, e)
-            row.update(status="failed", error=str(e))
-        else:
-            row.update(status="ok", **point_metrics(metrics, Path(point.eval.output)))
-        if point.train is not None and not point.keep_policy:
-            shutil.rmtree(point.train.output, ignore_errors=True)
-    row["config"] = {"train": to_dict(point.train) if point.train is not None else None, "eval": to_dict(point.eval)}
-    atomic_write_json(point.result_path, row)
-    return row
-
-
-METRICS = ("reward", "win_rate", "kl", "pref_accuracy", "pref_metric", "distinct_2", "repeated_ngrams",
-           "unknown_words", "replacement_chars", "mean_output_tokens")
-
-
-def point_metrics(metrics: dict, eval_dir: Path) -> dict:
-    """The row's metrics (eval's metrics.json) and its first sample texts."""
-    out = {k: metrics.get(k) for k in METRICS}
-    out["eval_seconds"] = metrics.get("seconds")
-    gens = read_generations(eval_dir)
-    out["samples"] = [{"prompt": g["prompt"], "output": g["output"], "reward": g.get("reward")}
-                      for g in gens[:SAMPLE_TEXTS]]
-    return out
+def _collect(plan_: Plan) -> list[dict]:
+    """Every point's row (in plan order) into sweep.jsonl."""
+    rows = [json.loads(p.result_path.read_text(encoding="utf-8")) for p in plan_.points]
+    atomic_write_text(plan_.out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def read_generations(eval_dir: Path) -> list[dict]:
@@ -771,23 +590,7 @@ def read_generations(eval_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-# --------------------------------------------------------------------------- phase 3: rows
-
-
-def _collect(plan_: Plan) -> list[dict]:
-    """Every point's row (in plan order) into sweep.jsonl."""
-    rows = []
-    for p in plan_.points:
-        row = json.loads(p.result_path.read_text(encoding="utf-8"))
-        if p.selection != "none":  # known only once the shared stages ran (a point may have run before a change)
-            row["token_fraction"] = p.token_fraction
-        rows.append(row)
-    atomic_write_text(plan_.out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
 def points_with_data(rows: list[dict], plan_: Plan) -> list[tuple[dict, list[dict]]]:
     """Each finished point's row with its per-prompt generations (reward and KL per prompt)."""
     by_id = {p.id: p for p in plan_.points}
     return [(r, read_generations(Path(by_id[r["id"]].eval.output))) for r in rows if r.get("status") == "ok"]
-
