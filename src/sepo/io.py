@@ -15,9 +15,12 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sepo.errors import SepoError
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA_FILE = "sepo_metadata.json"
 
@@ -141,6 +144,17 @@ def arrow_table(dataset):
     """The Arrow table behind a ``datasets.Dataset`` in row order (an index mapping, e.g. from ``select``,
     applied first), for column-wise reads with no Python lists."""
     return (dataset.flatten_indices() if dataset._indices is not None else dataset).data.table
+
+
+def flat_column(table, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list column of an Arrow table -> (flat values, lengths (N,) long), with no Python lists."""
+    import pyarrow.compute as pc
+    import torch
+
+    column = table.column(name)
+    lengths = torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64"))
+    values = torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).copy())
+    return values, lengths
 
 
 def dataset_fingerprint(ds, columns: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""`sepo inspect`: statistics and concentration on hand-made rewards, plots, and the HTML page in Chromium."""
+"""`sepo inspect`: statistics and reward concentration on hand-made rewards, plots, and the HTML page in Chromium."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ TEXTS = [("Tom said", " <b>yes</b> & ok", " no way."), ("Lily ran.", " She won t
 @pytest.fixture(scope="module")
 def selected_dir(tmp_path_factory):
     """Hand-made selected pairs (stories260K tokenizer). Row 0: chosen token 0 has r = 1, rejected token 0 has
-    r = -1, every other token 0 -> contributions [1, 0, ..., 1, 0, ...], difference 2, so 80% of it needs 2 of
-    the pair's tokens. Row 1: chosen all 0.5, rejected all 0 -> 80% needs ceil(0.8 * n_c) tokens of n_c + n_r."""
+    r = -1, every other token 0 -> in each response one token carries all of sum |r|. Row 1: chosen all 0.5
+    (80% of sum |r| needs ceil(0.8 * n) of its n tokens), rejected all 0 (no reward to share out)."""
     tok = load_tokenizer("stories260k")
     cols = {k: [] for k in ("index", "prompt", "chosen", "rejected", "prompt_input_ids", "chosen_input_ids",
                             "rejected_input_ids", "chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask")}
@@ -56,11 +56,17 @@ def test_inspect_summary_concentration_and_files(tmp_path, selected_dir):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_metadata(report)["stage"] == "inspect"
     summary = json.loads((report / "summary.json").read_text())
-    n = [len(cols["chosen_input_ids"][i]) + len(cols["rejected_input_ids"][i]) for i in range(2)]
-    nc1 = len(cols["chosen_input_ids"][1])
-    shares = [2 / n[0], -(-8 * nc1 // 10) / n[1]]  # ceil(0.8 * n_c) of the second pair's tokens
-    assert summary["pairs"]["pairs_with_positive_margin"] == 2
-    assert summary["pairs"]["mean_token_share_for_level"] == pytest.approx(sum(shares) / 2, rel=1e-6)
+    nc = [len(x) for x in cols["chosen_input_ids"]]
+    nr = [len(x) for x in cols["rejected_input_ids"]]
+    shares = {"chosen": [1 / nc[0], -(-8 * nc[1] // 10) / nc[1]], "rejected": [1 / nr[0]]}  # ceil(0.8 n) / n
+    conc = summary["concentration"]
+    assert conc["level"] == 0.8
+    assert conc["responses"]["responses"] == 3 and conc["responses"]["responses_without_reward"] == 1
+    for group, values in (*shares.items(), ("responses", shares["chosen"] + shares["rejected"])):
+        assert conc[group]["tokens_for_level_mean"] == pytest.approx(sum(values) / len(values), rel=1e-6)
+        assert max(conc[group]["mean_curve"]) <= 1.0 and conc[group]["mean_curve"][-1] == pytest.approx(1.0)
+    # the rejected mean curve is row 0's alone: all of sum |r| from the first 1 / n_r tokens on
+    assert conc["rejected"]["tokens_for_level_on_mean_curve"] == pytest.approx(-(-100 // nr[0]) / 100)
     assert summary["pairs"]["oracle_prefers_chosen"] == 1.0
     assert summary["chosen"]["selected"]["count"] == 2 and summary["chosen"]["tokens"]["count"] == sum(
         len(x) for x in cols["chosen_input_ids"])
@@ -102,8 +108,8 @@ def test_html_page_renders_tokens_in_headless_chromium(tmp_path, selected_dir):
     assert "&lt;" in dom and "&amp;" in dom and "<b>yes" not in dom
 
 
-def test_inspect_says_where_it_wrote_even_without_a_positive_margin(tmp_path, caplog):
-    """The oracle prefers no chosen response here: the report is still written, and said so."""
+def test_inspect_says_where_it_wrote_even_when_the_oracle_prefers_no_chosen_response(tmp_path, caplog):
+    """The oracle prefers no chosen response here: the report is still written, and says so."""
     tok = load_tokenizer("stories260k")
     ids = tok(" no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     row = {"index": 0, "prompt": "p", "prompt_input_ids": tok("p")["input_ids"], "chosen_input_ids": ids,
@@ -111,5 +117,10 @@ def test_inspect_says_where_it_wrote_even_without_a_positive_margin(tmp_path, ca
     save_dataset(datasets.Dataset.from_list([row]), tmp_path / "scores", {"stage": "score", "tokenizer": "stories260k"})
     with caplog.at_level("INFO"):
         assert main(["inspect", "--scores", str(tmp_path / "scores"), "--output", str(tmp_path / "report")]) == 0
-    assert "no pair has a positive reward margin" in caplog.text and f"wrote {tmp_path / 'report'}" in caplog.text
-    assert json.loads((tmp_path / "report" / "summary.json").read_text())["pairs"]["pairs_with_positive_margin"] == 0
+    assert "prefers the chosen response in 0.0% of 1 pairs" in caplog.text
+    assert f"wrote {tmp_path / 'report'}" in caplog.text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["pairs"]["oracle_prefers_chosen"] == 0.0 and summary["pairs"]["mean_reward_margin"] < 0
+    # each response spreads its |r| evenly: 80% needs ceil(0.8 n) of n tokens, whatever the sign
+    n = len(ids)
+    assert summary["concentration"]["responses"]["tokens_for_level_mean"] == pytest.approx(-(-8 * n // 10) / n)

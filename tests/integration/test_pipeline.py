@@ -132,3 +132,25 @@ def test_a_misspelt_section_key_is_reported_in_its_section(tmp_path, task_pairs)
     with pytest.raises(ConfigError, match=r"^eval\.temprature is not a `sepo eval` key"):
         pipeline.run(config(tmp_path, task_pairs, eval={"temprature": 0.5}))
     assert not (tmp_path / "run").exists()
+
+
+def test_random_control_moves_the_weights_with_the_positions():
+    """The random control keeps each response's number of selected tokens, and its weights travel with the
+    positions: the drawn positions carry the selected tokens' weights, the rest the unselected ones'."""
+    import datasets
+
+    selected = datasets.Dataset.from_dict({
+        "chosen_mask": [[True, False, False, True, False], [False, True]],
+        "rejected_mask": [[False, False, True], [True]],
+        "chosen_weights": [[0.9, 0.1, 0.0, 0.7, 0.2], [0.3, 1.0]],
+        "rejected_weights": [[0.0, 0.4, 1.0], [1.0]]})
+    control = pipeline.random_masks_like(selected, seed=3)
+    for before, after in zip(selected, control):
+        for side in ("chosen", "rejected"):
+            mask, weights = after[f"{side}_mask"], after[f"{side}_weights"]
+            assert sum(mask) == sum(before[f"{side}_mask"])
+            picked = sorted(w for w, m in zip(weights, mask) if m)
+            assert picked == pytest.approx(sorted(w for w, m in zip(before[f"{side}_weights"], before[f"{side}_mask"]) if m))
+            assert sorted(weights) == pytest.approx(sorted(before[f"{side}_weights"]))
+    assert pipeline.random_masks_like(selected.remove_columns(["chosen_weights", "rejected_weights"]),
+                                      seed=3)["chosen_mask"] == control["chosen_mask"]  # same draw with or without

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from conftest import make_story_pairs_dataset
 from sepo.cli import main
-from sepo.core.selection import select
+from sepo.core.selection import magnitude_quantile, select, soft_weights
 from sepo.io import load_dataset_dir, save_dataset
 from sepo.models import load_tokenizer, tokenizer_fingerprint
 from sepo.stages import score
@@ -40,8 +40,36 @@ def test_masks_equal_the_core_rule_row_by_row(tmp_path, scores_dir, strategy, va
             assert len(row[f"{side}_mask"]) == len(row[f"{side}_input_ids"])
             expected = select(r, torch.ones_like(r, dtype=torch.bool), strategy, value, side)[0].tolist()
             assert row[f"{side}_mask"] == expected
+            assert row[f"{side}_weights"] == [float(x) for x in expected]  # weighting hard: the mask as 0/1
             total += sum(expected)
     assert meta["stats"]["chosen"]["selected"] + meta["stats"]["rejected"]["selected"] == total
+
+
+@pytest.mark.parametrize("weighting", ["clip", "softmax"])
+def test_soft_weights_equal_the_core_rule_row_by_row(tmp_path, scores_dir, weighting):
+    """The weights columns hold soft_weights with tau_w = the weight_quantile of |r|; the masks are still the
+    strategy's; selecting a selected folder again replaces both."""
+    meta = select_stage.run(SelectConfig(scores=str(scores_dir), output=str(tmp_path / "soft"), weighting=weighting,
+                                         weight_quantile=0.8, batch_rows=4))
+    ds, _ = load_dataset_dir(tmp_path / "soft", ["chosen_weights", "rejected_weights"])
+    every = torch.tensor([v for col in ("chosen_rewards", "rejected_rewards") for row in ds[col] for v in row])
+    tau_w = magnitude_quantile(every, 0.8)
+    assert meta["stats"]["weight_scale"] == pytest.approx(tau_w) and meta["stats"]["weighting"] == weighting
+    total = {"chosen": 0.0, "rejected": 0.0}
+    for row in ds:
+        for side in ("chosen", "rejected"):
+            r = torch.tensor([row[f"{side}_rewards"]])
+            expected = soft_weights(r, torch.ones_like(r, dtype=torch.bool), weighting, tau_w, side)[0]
+            torch.testing.assert_close(torch.tensor(row[f"{side}_weights"]), expected)
+            assert row[f"{side}_mask"] == select(r, torch.ones_like(r, dtype=torch.bool), "ratio", 0.3, side)[0].tolist()
+            total[side] += float(expected.sum())
+    for side in ("chosen", "rejected"):
+        tokens = meta["stats"][side]["tokens"]
+        assert meta["stats"][side]["mean_weight"] == pytest.approx(total[side] / tokens, rel=1e-5)
+    again = select_stage.run(SelectConfig(scores=str(tmp_path / "soft"), output=str(tmp_path / "hard")))
+    hard, _ = load_dataset_dir(tmp_path / "hard")
+    assert again["stats"]["weighting"] == "hard"
+    assert all(w == [float(m) for m in mask] for w, mask in zip(hard["chosen_weights"], hard["chosen_mask"]))
 
 
 def test_ratio_zero_one_and_threshold_quantile(tmp_path, scores_dir):
@@ -77,6 +105,9 @@ def test_cross_tokenizer_selection_writes_policy_ids_and_conserves_reward(tmp_pa
 def test_bad_config_is_one_message(tmp_path, capsys, scores_dir):
     assert main(["select", "--scores", str(scores_dir), "--output", str(tmp_path / "x"), "--chosen-ratio", "1.5"]) == 2
     assert "chosen_ratio must be a fraction in [0, 1] (0.3 means 30%)" in capsys.readouterr().err
+    assert main(["select", "--scores", str(scores_dir), "--output", str(tmp_path / "z"), "--weighting", "clip",
+                 "--weight-scale", "0"]) == 2
+    assert "weight_scale must be > 0" in capsys.readouterr().err
     assert main(["select", "--scores", str(tmp_path / "absent"), "--output", str(tmp_path / "y")]) == 2
 
 

@@ -61,9 +61,14 @@ def test_dpo_and_cdpo(pair):
 
 
 def test_ipo(pair):
-    """beta = 0.5: (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; beta = 0.25: (2 - 2)^2 = 0."""
+    """beta = 0.5: (h - 1/(2 beta))^2 = (2 - 1)^2 = 1; beta = 0.25: (2 - 2)^2 = 0.
+    length_normalize (TRL's form), beta = 0.5: ratio(y_w) / |y_w| = 0 / 2 = 0, ratio(y_l) / |y_l| = -2 / 3,
+    h = 2/3, L = (2/3 - 1)^2 = 1/9; rewards 0 and 0.5 (-2/3) = -1/3."""
     assert_close(call("ipo", pair, beta=0.5).losses, torch.tensor([1.0]))
     assert_close(call("ipo", pair, beta=0.25).losses, torch.tensor([0.0]))
+    out = call("ipo", pair, beta=0.5, length_normalize=True)
+    assert_close(out.losses, torch.tensor([1 / 9]))
+    assert_close((out.chosen_rewards, out.rejected_rewards), (torch.tensor([0.0]), torch.tensor([-1 / 3])))
 
 
 def test_rdpo(pair):
@@ -94,6 +99,17 @@ def test_rrhf(pair):
     swapped = {"chosen_logps": pair["rejected_logps"], "rejected_logps": pair["chosen_logps"],
                "chosen_weights": pair["rejected_weights"], "rejected_weights": pair["chosen_weights"]}
     assert_close(call("rrhf", swapped, alpha=0.5).losses, torch.tensor([1.5]))
+
+
+def test_rrhf_sum_is_the_papers_fine_tuning_term(pair):
+    """sft_reduction="sum": L_ft = -log pi(y_w) = 1 + 2 = 3; alpha = 1: L = 0 + 3 = 3.
+    Swapped, alpha = 0.5: max(0, -1.5 + 2) + 0.5 * 6 = 3.5."""
+    assert_close(call("rrhf", pair, sft_reduction="sum").losses, torch.tensor([3.0]))
+    swapped = {"chosen_logps": pair["rejected_logps"], "rejected_logps": pair["chosen_logps"],
+               "chosen_weights": pair["rejected_weights"], "rejected_weights": pair["chosen_weights"]}
+    assert_close(call("rrhf", swapped, alpha=0.5, sft_reduction="sum").losses, torch.tensor([3.5]))
+    with pytest.raises(SepoError, match="sft_reduction"):
+        call("rrhf", pair, sft_reduction="padded")
 
 
 def test_tdpo1_and_tdpo2(pair):

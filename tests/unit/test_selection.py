@@ -16,6 +16,7 @@ from sepo.core.selection import (
     select_mass,
     select_ratio,
     select_threshold,
+    soft_weights,
 )
 
 
@@ -77,6 +78,32 @@ def test_magnitude_quantile_matches_torch_quantile():
         assert magnitude_quantile(x, q) == pytest.approx(torch.quantile(x.abs().double(), q).item(), rel=1e-9)
 
 
+def test_soft_weights_by_hand():
+    """rewards [0.2, -0.1, 0.05, x=9], scale 0.1.
+    clip, chosen: clip([2, -1, 0.5], 0, 1) = [1, 0, 0.5]; rejected (s = -r): clip([-2, 1, -0.5]) = [0, 1, 0].
+    softmax, chosen: exp(([0.2, -0.1, 0.05] - 0.2) / 0.1) = [1, e^-3, e^-1.5];
+             rejected: s = [-0.2, 0.1, -0.05], max 0.1: [e^-3, 1, e^-1.5]. Padding weighs 0."""
+    r = torch.tensor([[0.2, -0.1, 0.05, 9.0]])
+    m = torch.tensor([[True, True, True, False]])
+    torch.testing.assert_close(soft_weights(r, m, "clip", 0.1, "chosen"), torch.tensor([[1.0, 0.0, 0.5, 0.0]]))
+    torch.testing.assert_close(soft_weights(r, m, "clip", 0.1, "rejected"), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    e = math.exp
+    torch.testing.assert_close(soft_weights(r, m, "softmax", 0.1, "chosen"), torch.tensor([[1.0, e(-3), e(-1.5), 0.0]]))
+    torch.testing.assert_close(soft_weights(r, m, "softmax", 0.1, "rejected"),
+                               torch.tensor([[e(-3), 1.0, e(-1.5), 0.0]]))
+
+
+def test_cold_softmax_weights_are_the_one_token_hard_selection():
+    """As the temperature goes to 0 the softmax weights become exactly the best token: the ratio rule keeping one
+    token (distinct rewards, so no ties), as 0/1 floats; an all-padding row weighs 0 everywhere."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(5, 8, generator=g)
+    m = torch.arange(8)[None] < torch.tensor([8, 3, 1, 5, 0])[:, None]
+    for side in ("chosen", "rejected"):
+        hard = select_ratio(r, m, 1e-9, side)  # k = max(1, floor(1e-9 n)) = 1 token per non-empty response
+        assert torch.equal(soft_weights(r, m, "softmax", 1e-6, side), hard.float())
+
+
 def test_bad_arguments_are_refused():
     r, m = torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)
     with pytest.raises(ValueError, match="side"):
@@ -85,6 +112,10 @@ def test_bad_arguments_are_refused():
         select(r, m, "topk", 0.3, "chosen")
     with pytest.raises(ValueError, match="ratio"):
         select(r, m, "ratio", 1.5, "chosen")
+    with pytest.raises(ValueError, match="scale"):
+        soft_weights(r, m, "clip", 0.0, "chosen")
+    with pytest.raises(ValueError, match="soft weighting"):
+        soft_weights(r, m, "tanh", 1.0, "chosen")
 
 
 # ------------------------------------------------------------------ brute force on random inputs

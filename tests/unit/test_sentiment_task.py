@@ -17,6 +17,7 @@ from sepo.tasks.sentiment import (
     selection_quality,
     sentiment,
     story_prompts,
+    token_spans,
     words,
 )
 
@@ -71,6 +72,28 @@ def test_lexicon_token_mask_marks_exactly_the_tokens_of_lexicon_words(tok):
     marked = "".join(p for p, m in zip(pieces, mask) if m).replace("\u2581", " ").split()
     assert marked == ["happy", "cried"]
     assert mask[-1] is False  # EOS is never a key token
+
+
+class _SlowDecode:
+    """A tokenizer seen without its Rust backend: token_spans falls back to decoding growing prefixes."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("name", ["stories260k", "gpt2"])
+def test_token_spans_stream_and_prefix_decoding_agree(tok, shared, name):
+    """The incremental (DecodeStream) and prefix-decoding paths give the same text and spans; the spans tile
+    the text, and EOS has an empty span at its end."""
+    t = tok if name == "stories260k" else load_tokenizer(str(shared / "tokenizers" / "gpt2"))
+    ids = t(" Lily smiled, then she cried: \"no!\" 42 times.", add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+    text, spans = token_spans(t, ids)
+    assert (text, spans) == token_spans(_SlowDecode(t), ids)
+    assert text == t.decode(ids, skip_special_tokens=True)
+    assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1] == (len(text),) * 2
 
 
 def test_selection_quality_hand_computed():

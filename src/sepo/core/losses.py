@@ -104,6 +104,11 @@ def sft_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights) -> 
 
     (the reference / SFT model of the DPO and SePO papers). ``rejected_logps`` may be None (training skips the
     rejected half); when given, the rewards are the token-mean log-probs of both responses.
+
+    Batch reduction: the objective is the mean over pairs of each response's token mean, so every response
+    weighs the same whatever its length; TRL (SFTTrainer, and DPOTrainer's RPO term) takes one token mean over
+    every chosen token of the batch, which weighs long responses more. sepo's batches are length-bucketed, so
+    the two differ little in practice; the per-pair form keeps ``losses`` a meaningful (B,) vector.
     """
     chosen_mean = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
     if rejected_logps is None:
@@ -130,17 +135,27 @@ def dpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref
 
 
 def ipo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref_chosen_logps=None,
-             ref_rejected_logps=None, *, beta: float = 0.1) -> LossOutput:
+             ref_rejected_logps=None, *, beta: float = 0.1, length_normalize: bool = False) -> LossOutput:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
-    arXiv 2310.12036), with beta playing the role of the regulariser tau:
+    arXiv 2310.12036, eq. 17), with beta playing the role of the regulariser tau:
 
-        h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l))
+        h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
         L = (h - 1 / (2 beta))^2
         reward(y) = beta (log pi(y) - log pi_ref(y))
+
+    ``length_normalize=True`` divides each response's log-ratio by its length |y| (TRL's IPO, whose comment says
+    the IPO authors' results used that form): h = ratio(y_w) / |y_w| - ratio(y_l) / |y_l|, and the rewards use the
+    normalised ratios. Default False, the paper's sums: the target margin 1 / (2 beta) is then a sequence-level
+    log-ratio margin, as in DPO; normalised, it is a per-token one, so the same beta means a far stronger push
+    (beta values do not carry over between the two forms).
     """
     _require_reference("ipo", ref_chosen_logps, ref_rejected_logps)
     h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
                                                   ref_chosen_logps, ref_rejected_logps)
+    if length_normalize:
+        chosen_ratio = chosen_ratio / chosen_weights.sum(-1).clamp_min(1e-12)  # (B,)
+        rejected_ratio = rejected_ratio / rejected_weights.sum(-1).clamp_min(1e-12)
+        h = chosen_ratio - rejected_ratio
     losses = (h - 1 / (2 * beta)) ** 2
     return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
@@ -170,6 +185,9 @@ def rpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref
     token-mean NLL of the chosen response:
 
         L = -log sigma(beta h) - alpha (1/|y_w|) log pi(y_w)
+
+    The NLL is each response's token mean, averaged over pairs like the DPO term (TRL's ``rpo_alpha`` takes one
+    token mean over the batch's chosen tokens; see ``sft_loss``).
     """
     _require_reference("rpo", ref_chosen_logps, ref_rejected_logps)
     h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
@@ -193,16 +211,30 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 
 
-def rrhf_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *, alpha: float = 1.0) -> LossOutput:
+def rrhf_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *, alpha: float = 1.0,
+              sft_reduction: str = "mean") -> LossOutput:
     """RRHF (Yuan et al. 2023, arXiv 2304.05302) for a pair: a hinge ranking loss on length-normalised log-probs plus
-    alpha times the fine-tuning loss on the better response (token-mean NLL, as in the authors' code):
+    alpha times the fine-tuning loss L_ft on the better response:
 
         p(y) = (1/|y|) log pi(y)
-        L = max(0, p(y_l) - p(y_w)) - alpha p(y_w)
+        L = max(0, p(y_l) - p(y_w)) + alpha L_ft
+        L_ft = -(1/|y_w|) log pi(y_w)    (sft_reduction="mean", default)
+             = -log pi(y_w)              (sft_reduction="sum": the paper's L_ft, a plain sum over tokens)
+
+    The authors' code (GanjinZero/RRHF, train.py, RRHFTrainer.compute_loss) returns rrhf_weight * rank + sft with
+    the sft term divided by the padded row length (query + the batch's longest candidate), so its size depends
+    on the batch; "mean" divides by the response's own length instead. Their rrhf_weight on the rank term is
+    1 / alpha here, up to the overall scale of the loss.
     """
     p_chosen = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
     p_rejected = _mean_logps(rejected_logps, rejected_weights, "rejected")  # (B,)
-    losses = torch.relu(p_rejected - p_chosen) - alpha * p_chosen
+    if sft_reduction == "mean":
+        sft = -p_chosen
+    elif sft_reduction == "sum":
+        sft = -sequence_logps(chosen_logps, chosen_weights)
+    else:
+        raise SepoError(f"rrhf sft_reduction must be 'mean' or 'sum', got {sft_reduction!r}")
+    losses = torch.relu(p_rejected - p_chosen) + alpha * sft
     return LossOutput(losses, p_chosen.detach(), p_rejected.detach())
 
 
@@ -217,6 +249,10 @@ def tdpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, re
         u = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))
         TDPO1:  L = -log sigma(beta (u - (D(y_l) - D(y_w))))
         TDPO2:  L = -log sigma(beta (u - alpha (D(y_l) - sg[D(y_w)])))          (sg = stop-gradient)
+
+    The rewards (logged, accuracy, margin) are DPO's beta (log pi(y) - log pi_ref(y)); the authors' code
+    (tdpo_loss in Vance0124/Token-level-Direct-Preference-Optimization) logs beta (log-ratio + D(y)), so their
+    logged rewards and accuracies differ from these by the KL term; the loss is the same.
     """
     _require_reference("tdpo", ref_chosen_logps, ref_rejected_logps)
     if variant not in (1, 2):

@@ -6,10 +6,11 @@ SePO eq. 6 (from DPO's token-level decomposition, Rafailov et al. 2024 "From r t
 
 for every response token t, the first response token and the EOS included (see ``sepo.core.logprobs``).
 
-The concentration measure is the paper's Figure 1: of the tokens of a pair (chosen and rejected together),
-what share accounts for a given fraction (80%) of the pair's reward difference
-``sum_t r(chosen_t) - sum_t r(rejected_t)``. A chosen token contributes ``+r_t`` to that difference, a
-rejected token ``-r_t``.
+Concentration (the paper's Figure 1): within one response, rank the tokens by ``|r_t|`` and ask what share of
+the response's total ``sum_t |r_t|`` its top x% of tokens carry. The share is a real share: it rises from 0
+(no token) to 1 (every token) and never overshoots. :func:`abs_reward_share_curve` gives it for a grid of x,
+:func:`token_share_for_abs_reward` the fewest tokens per response that carry a given level (80%), and
+:func:`curve_crossing` the x at which a curve averaged over responses first reaches that level.
 """
 
 from __future__ import annotations
@@ -37,53 +38,47 @@ def non_finite_rows(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return bad.any(dim=1).nonzero().flatten()
 
 
-def pair_contributions(chosen_rewards: torch.Tensor, chosen_mask: torch.Tensor, rejected_rewards: torch.Tensor,
-                       rejected_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's contribution to its pair's reward difference: ``+r`` for chosen, ``-r`` for rejected.
-
-    chosen (B, Rc), rejected (B, Rr) rewards and masks -> contributions (B, Rc + Rr), mask (B, Rc + Rr).
-    """
-    contributions = torch.cat([chosen_rewards, -rejected_rewards], dim=1).masked_fill(
-        ~torch.cat([chosen_mask, rejected_mask], dim=1), 0.0)  # (B, L)
-    return contributions, torch.cat([chosen_mask, rejected_mask], dim=1)
-
-
-def _sorted_shares(contributions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cumulative share of the total difference captured by the j largest contributions.  -> (B, L), (B,), (B,)"""
-    total = contributions.masked_fill(~mask, 0.0).sum(dim=1)  # (B,)
-    # padding sorts last: it must never be counted as one of the "j largest" tokens
-    keyed = contributions.masked_fill(~mask, float("-inf"))
-    values = keyed.sort(dim=1, descending=True, stable=True).values.masked_fill(
-        ~mask.sort(dim=1, descending=True, stable=True).values, 0.0)  # (B, L)
-    share = values.cumsum(dim=1) / total.clamp_min(torch.finfo(values.dtype).tiny)[:, None]  # (B, L)
+def _sorted_abs_shares(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Share of a response's sum |r_t| held by its j largest |r_t|, for j = 1..R.  -> (N, R), total (N,), n (N,)"""
+    magnitude = rewards.float().abs().masked_fill(~mask, 0.0)  # (N, R): padding holds nothing and sorts last
+    total = magnitude.sum(dim=1)  # (N,)
+    values = magnitude.sort(dim=1, descending=True).values  # (N, R)
+    share = values.cumsum(dim=1) / total.clamp_min(torch.finfo(values.dtype).tiny)[:, None]  # (N, R)
     return share, total, mask.sum(dim=1)
 
 
-def concentration(contributions: torch.Tensor, mask: torch.Tensor, level: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Share of a pair's tokens needed to account for ``level`` of its reward difference (paper Fig. 1).
+def abs_reward_share_curve(rewards: torch.Tensor, mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Share of each response's ``sum_t |r_t|`` carried by its top ``x`` fraction of tokens (ranked by |r_t|),
+    for x in ``grid``; the top x fraction is the ``floor(x * n)`` largest, so x = 0 gives 0 and x = 1 gives 1.
 
-    For each pair, sort the contributions in decreasing order and take the fewest j with
-    ``sum_{i<=j} c_(i) >= level * sum_i c_i``; the share is ``j / n`` (n = real tokens of the pair).
-    Only pairs with a positive difference (the oracle prefers the chosen response) have a share.
-
-    contributions, mask (B, L) -> share (B,) fp32 (NaN where not defined), valid (B,) bool.
+    rewards, mask (N, R); grid (G,) in [0, 1] -> (N, G) fp32 in [0, 1], non-decreasing in x; NaN rows where
+    ``sum |r| = 0`` (no reward to share out).
     """
-    share_cum, total, n = _sorted_shares(contributions.float(), mask)
-    valid = (total > 0) & (n > 0)  # (B,)
-    reached = share_cum >= level - _ROUNDING_SLACK  # (B, L)
-    first = torch.where(reached.any(dim=1), reached.float().argmax(dim=1) + 1, n)  # (B,) tokens needed
-    share = first.float() / n.clamp_min(1).float()
-    return share.masked_fill(~valid, float("nan")), valid
+    share, total, n = _sorted_abs_shares(rewards, mask)
+    padded = torch.cat([torch.zeros_like(share[:, :1]), share], dim=1)  # (N, R + 1): 0 tokens -> 0
+    # the slack is relative to n: a float32 grid point such as 0.7 is 0.69999999 and 0.7 * 1000 must still be 700
+    size = n[:, None].double()  # (N, 1)
+    take = torch.floor(grid[None, :].double() * size + _ROUNDING_SLACK * size.clamp_min(1)).long()  # (N, G)
+    curve = padded.gather(1, take.clamp(max=padded.shape[1] - 1)).clamp(max=1.0)  # rounding: never above 1
+    return curve.masked_fill(~(total > 0)[:, None], float("nan"))
 
 
-def concentration_curve(contributions: torch.Tensor, mask: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Share of each pair's reward difference captured by its top ``x`` fraction of tokens, for x in ``grid``.
+def token_share_for_abs_reward(rewards: torch.Tensor, mask: torch.Tensor, level: float = 0.8) -> torch.Tensor:
+    """The fewest tokens j of each response whose |r_t| (largest first) sum to at least ``level`` of the
+    response's ``sum_t |r_t|``, as a share ``j / n`` of its tokens.
 
-    contributions, mask (B, L); grid (G,) in [0, 1] -> (B, G) fp32 (rows of pairs with a non-positive
-    difference are NaN). The top ``x`` fraction is the ``floor(x * n)`` largest contributions.
+    rewards, mask (N, R) -> (N,) fp32 in (0, 1]; NaN where ``sum |r| = 0``.
     """
-    share_cum, total, n = _sorted_shares(contributions.float(), mask)
-    padded = torch.cat([torch.zeros_like(share_cum[:, :1]), share_cum], dim=1)  # (B, L + 1): 0 tokens -> 0
-    take = torch.floor(grid[None, :].float() * n[:, None].float() + _ROUNDING_SLACK).long()  # (B, G)
-    curve = padded.gather(1, take.clamp(max=padded.shape[1] - 1))
-    return curve.masked_fill(~((total > 0) & (n > 0))[:, None], float("nan"))
+    if not 0.0 < level <= 1.0:
+        raise ValueError(f"level must be in (0, 1], got {level}")
+    share, total, n = _sorted_abs_shares(rewards, mask)
+    reached = share >= level - _ROUNDING_SLACK  # (N, R)
+    needed = torch.where(reached.any(dim=1), reached.float().argmax(dim=1) + 1, n)  # (N,) tokens
+    return (needed.float() / n.clamp_min(1).float()).masked_fill(~(total > 0), float("nan"))
+
+
+def curve_crossing(grid: torch.Tensor, curve: torch.Tensor, level: float) -> float | None:
+    """The first x of ``grid`` at which a non-decreasing ``curve`` (G,) reaches ``level``; None if it never
+    does (or the curve is all NaN)."""
+    reached = (curve >= level - _ROUNDING_SLACK).nonzero().flatten()
+    return float(grid[reached[0]]) if reached.numel() else None

@@ -11,6 +11,10 @@ Python loop over tokens.
 - ``select_threshold``: r > tau (chosen) or r < -tau (rejected); ``magnitude_quantile`` sets tau from data.
 - ``select_mass``: the fewest tokens whose rewards cover a fraction p of the response's positive (chosen)
   or negative (rejected) reward mass: an adaptive k.
+
+``soft_weights`` is the soft counterpart: a float weight in [0, 1] per token instead of a yes/no (``clip``:
+the oriented reward over a scale, clipped; ``softmax``: a temperature softmax within the response, scaled so
+the best token weighs 1).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import torch
 
 SIDES = ("chosen", "rejected")
+WEIGHTINGS = ("hard", "clip", "softmax")  # hard: the selection itself as 0/1 weights
 # floor(k * n) in floating point turns 0.29 * 100 = 28.999999999999996 into 28; this slack restores 29.
 _FLOOR_SLACK = 1e-9
 
@@ -108,6 +113,30 @@ def magnitude_quantile(rewards: torch.Tensor, q: float) -> float:
     v_lo = flat.kthvalue(lo + 1).values.item()
     v_hi = v_lo if hi == lo else flat.kthvalue(hi + 1).values.item()
     return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def soft_weights(rewards: torch.Tensor, mask: torch.Tensor, method: str, scale: float, side: str) -> torch.Tensor:
+    """Per-token weights in [0, 1] from the oriented reward ``s_t = r_t`` (chosen) or ``-r_t`` (rejected):
+
+        clip:     w_t = clip(s_t / scale, 0, 1)              tokens pushing the wrong way weigh 0, beyond scale 1
+        softmax:  w_t = exp((s_t - max_u s_u) / scale)        = softmax(s / scale)_t / max softmax: the best token
+                                                                 weighs 1, scale is the temperature
+
+    As ``scale -> 0`` softmax becomes one-hot on the best token (ties: every tied token weighs 1).
+    rewards (N, R), mask (N, R) bool -> (N, R) float32, 0 on padding.
+    """
+    if not scale > 0:
+        raise ValueError(f"the weight scale must be > 0 (it divides the rewards), got {scale}")
+    oriented = _oriented(rewards.float(), side)
+    if method == "clip":
+        weights = (oriented / scale).clamp(0.0, 1.0)
+    elif method == "softmax":
+        best = oriented.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (N, 1)
+        # a row of padding only has best = -inf: its (inf) weights are all overwritten by the mask below
+        weights = torch.exp((oriented - best) / scale)
+    else:
+        raise ValueError(f"unknown soft weighting {method!r}; choose clip or softmax")
+    return weights.masked_fill(~mask, 0.0)
 
 
 def select(rewards: torch.Tensor, mask: torch.Tensor, strategy: str, value: float, side: str) -> torch.Tensor:

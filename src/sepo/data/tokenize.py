@@ -45,11 +45,11 @@ from sepo.errors import ConfigError, DataError, SepoError
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-# Per-token columns later stages add, one entry per response id (score: rewards, select: masks, train's
-# reference cache: log-probs). They belong to one tokenization: re-tokenizing pairs drops them, since they would
-# no longer line up with the new ids.
-TOKEN_ALIGNED_COLUMNS = ("chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask", "chosen_ref_logps",
-                         "rejected_ref_logps")
+# Per-token columns later stages add, one entry per response id (score: rewards, select: masks and weights,
+# train's reference cache: log-probs). They belong to one tokenization: re-tokenizing pairs drops them, since they
+# would no longer line up with the new ids.
+TOKEN_ALIGNED_COLUMNS = ("chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask", "chosen_weights",
+                         "rejected_weights", "chosen_ref_logps", "rejected_ref_logps")
 _SIDES = ("chosen", "rejected")
 # per-row bookkeeping columns written by the map and removed afterwards
 _PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE = "_problem", "_problem_field", "_problem_message"

@@ -198,7 +198,7 @@ def make_plots(out: Path, strong_dir: Path, weak_dir: Path | None, tok) -> list[
     import matplotlib.pyplot as plt
     import torch
 
-    from sepo.core.rewards import concentration_curve, pair_contributions
+    from sepo.core.rewards import abs_reward_share_curve
     from sepo.data.collate import pad_right
 
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -213,9 +213,8 @@ def make_plots(out: Path, strong_dir: Path, weak_dir: Path | None, tok) -> list[
         rm = pad_right(ds["rejected_mask"], False, torch.bool, length=rr.shape[1])
         valid_c = pad_right([[True] * len(x) for x in ds["chosen_rewards"]], False, torch.bool, length=cr.shape[1])
         valid_r = pad_right([[True] * len(x) for x in ds["rejected_rewards"]], False, torch.bool, length=rr.shape[1])
-        contrib, mask = pair_contributions(cr, valid_c, rr, valid_r)
-        curve = concentration_curve(contrib, mask, grid)
-        ax.plot(grid.numpy(), curve.nanmean(0).numpy(), label=label)
+        curve = torch.cat([abs_reward_share_curve(cr, valid_c, grid), abs_reward_share_curve(rr, valid_r, grid)])
+        ax.plot(grid.numpy(), curve.nanmean(0).numpy(), label=label)  # over responses of both sides
         if label == "oracle":
             for a, rewards, sel, valid, side in ((axes[0], cr, cm, valid_c, "chosen"), (axes[1], rr, rm, valid_r, "rejected")):
                 a.hist(rewards[valid & ~sel].numpy(), bins=50, alpha=0.6, density=True, label="unselected")
@@ -223,8 +222,8 @@ def make_plots(out: Path, strong_dir: Path, weak_dir: Path | None, tok) -> list[
                 a.set(title=f"{side} responses", xlabel="token reward r_t")
                 a.legend()
     ax.plot([0, 1], [0, 1], "k:", label="uniform")
-    ax.set(xlabel="share of a pair's tokens (largest contributions first)",
-           ylabel="share of the pair's reward difference", title="reward concentration")
+    ax.set(xlabel="share of a response's tokens (largest |r_t| first)",
+           ylabel="share of the response's sum |r_t|", title="reward concentration")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "concentration.png", dpi=100)

@@ -2,9 +2,12 @@
 
     sepo inspect --scores runs/selected --output runs/inspect
 
+    sepo inspect --scores runs/selected --task sentiment     # + selection quality against the known key tokens
+
 Reads a `sepo score` or `sepo select` folder and writes (atomically) ``summary.json`` (reward statistics,
-chosen vs rejected and selected vs unselected), ``concentration.png`` (the share of a pair's tokens that
-accounts for 80% of its reward difference -- the paper's Figure 1), ``reward_histograms.png`` and
+chosen vs rejected and selected vs unselected; the pairs' reward margins; the reward concentration; with
+``--task`` or ``--key-tokens`` the polarity-aware selection quality), ``concentration.png`` (the share of a
+response's sum |r_t| carried by its top x% of tokens -- the paper's Figure 1), ``reward_histograms.png`` and
 ``examples.html``: a self-contained page of N pairs with each token coloured by its reward and the selected
 tokens outlined. See docs/inspect.md.
 """
@@ -12,6 +15,7 @@ tokens outlined. See docs/inspect.md.
 from __future__ import annotations
 
 import html
+import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,11 +25,12 @@ import torch
 
 from sepo import __version__
 from sepo.config import option, to_dict
-from sepo.core.rewards import concentration, concentration_curve, pair_contributions
+from sepo.core.rewards import abs_reward_share_curve, curve_crossing, token_share_for_abs_reward
 from sepo.core.selection import SIDES
 from sepo.errors import ConfigError, SepoError
-from sepo.io import arrow_table, atomic_dir, load_dataset_dir, write_metadata
-from sepo.stages.select import check_token_aligned, flat_column, pad_rows, token_pieces
+from sepo.io import arrow_table, atomic_dir, flat_column, load_dataset_dir, write_metadata
+from sepo.stages.select import check_token_aligned, pad_rows, token_pieces
+from sepo.tasks import TASK_NAMES, KeyTokens
 
 log = logging.getLogger(__name__)
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -39,14 +44,19 @@ CURVE_POINTS = 101  # token shares 0, 0.01, ..., 1 at which the concentration cu
 
 @dataclass
 class InspectConfig:
-    """Reward statistics, the reward-concentration curve and an HTML view of the selected tokens."""
+    """Reward statistics, the reward-concentration curve, selection quality and an HTML view of the selection."""
 
     scores: str | None = option(None, "a `sepo score` or `sepo select` output folder")
     output: str | None = option(None, "report folder (none: '<scores>-inspect' beside the input)")
     num_examples: int = option(20, "pairs shown in examples.html (the first rows)", unit="pairs")
-    level: float = option(0.8, "share of a pair's reward difference the concentration measure asks for")
+    level: float = option(0.8, "share of a response's sum |r_t| the concentration measure asks for")
     tokenizer: str | None = option(None, "tokenizer to show tokens as text (none: the one in the metadata)")
-    batch_rows: int = option(4096, "pairs per vectorized batch of the concentration computation", unit="pairs")
+    batch_rows: int = option(4096, "responses per vectorized batch of the concentration computation",
+                             unit="responses")
+    task: str | None = option(None, "a task with known key tokens (sepo.tasks): adds the selection quality "
+                                    f"against them; one of {', '.join(TASK_NAMES)}")
+    key_tokens: str | None = option(None, "module:function giving the key tokens of a pair, in the signature of "
+                                          "Task.key_tokens (instead of --task)")
     overwrite: bool = option(False, "replace an existing report folder")
 
     def __post_init__(self):
@@ -54,6 +64,12 @@ class InspectConfig:
             raise ConfigError(f"level must be in (0, 1], got {self.level}")
         if self.num_examples < 0 or self.batch_rows < 1:
             raise ConfigError("num_examples must be >= 0 and batch_rows >= 1")
+        if self.task is not None and self.task not in TASK_NAMES:
+            raise ConfigError(f"unknown task '{self.task}'; known tasks: {', '.join(TASK_NAMES)}")
+        if self.task and self.key_tokens:
+            raise ConfigError("give --task or --key-tokens, not both (a task brings its own key tokens)")
+        if self.key_tokens is not None and ":" not in self.key_tokens:
+            raise ConfigError(f"--key-tokens takes module:function, got {self.key_tokens!r}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -107,6 +123,154 @@ def render_html(rows: list[dict], tokenizer, scale: float, title: str) -> str:
     return "\n".join(parts)
 
 
+@dataclass
+class Concentration:
+    """The concentration of each side's responses (``SIDES``): per response, the share of its tokens that
+    carries ``level`` of its sum |r_t| (N,) (NaN where every reward is 0), and the sum over those responses of
+    their share curves on ``grid`` (G,) (divided by their count, the mean curve)."""
+
+    level: float
+    grid: torch.Tensor  # (G,)
+    shares: dict[str, torch.Tensor]  # side -> (N,)
+    curve_sums: dict[str, torch.Tensor]  # side -> (G,) float64
+
+    def summary(self) -> dict:
+        """Per side and over all responses: how many have a reward, the token share at which the mean curve
+        reaches the level, the mean and median per-response share, and the mean curve itself."""
+        groups = {"responses": SIDES, **{side: (side,) for side in SIDES}}
+        out: dict = {"level": self.level, "grid": [round(float(x), 4) for x in self.grid]}
+        for name, sides in groups.items():
+            shares = torch.cat([self.shares[s] for s in sides])
+            valid = ~shares.isnan()
+            n = int(valid.sum())
+            mean_curve = sum(self.curve_sums[s] for s in sides) / max(n, 1)  # (G,)
+            out[name] = {
+                "responses": n, "responses_without_reward": int((~valid).sum()),
+                "tokens_for_level_on_mean_curve": _rounded(curve_crossing(self.grid, mean_curve, self.level)) if n
+                else None,
+                "tokens_for_level_mean": float(shares[valid].mean()) if n else None,
+                "tokens_for_level_median": float(shares[valid].median()) if n else None,
+                "mean_curve": [round(float(x), 5) for x in mean_curve] if n else None,
+            }
+        return out
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)  # a grid point: 0.35, not 0.35000000000000003
+
+
+def measure_concentration(flat: dict[str, tuple[torch.Tensor, torch.Tensor]], level: float = 0.8,
+                          batch_rows: int = 4096) -> Concentration:
+    """Reward concentration (paper Fig. 1) of flat reward columns ``{side: (values (T,), lengths (N,))}``,
+    vectorized over padded batches of responses."""
+    grid = torch.linspace(0, 1, CURVE_POINTS, dtype=torch.float64)
+    shares, curve_sums = {}, {}
+    for side in SIDES:
+        values, lengths = flat[side]
+        share = torch.full((lengths.shape[0],), float("nan"))
+        curve_sum = torch.zeros(CURVE_POINTS, dtype=torch.float64)
+        for b in range(0, lengths.shape[0], batch_rows):
+            rows = torch.arange(b, min(b + batch_rows, lengths.shape[0]))
+            rewards, mask, _ = pad_rows(values, lengths, rows)  # (n, R)
+            share[rows] = token_share_for_abs_reward(rewards, mask, level)
+            curve_sum += abs_reward_share_curve(rewards, mask, grid).nan_to_num(0.0).double().sum(dim=0)  # NaN rows: none
+        shares[side], curve_sums[side] = share, curve_sum
+    return Concentration(level, grid, shares, curve_sums)
+
+
+def concentration_summary(ds, *, level: float = 0.8, batch_rows: int = 4096) -> dict:
+    """The concentration section of ``summary.json`` for a dataset with ``chosen_rewards`` / ``rejected_rewards``."""
+    table = arrow_table(ds)
+    flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
+    return measure_concentration(flat, level, batch_rows).summary()
+
+
+def reward_statistics(flat: dict, masks: dict | None) -> dict:
+    """Per side: token-reward statistics, mean response length; selected vs unselected with a selection."""
+    out = {}
+    for side in SIDES:
+        values, lengths = flat[side]
+        out[side] = {"tokens": describe(values),
+                     "response_length_mean": float(lengths.double().mean()) if len(lengths) else 0.0}
+        if masks is not None:
+            out[side]["selected"] = describe(values[masks[side]])
+            out[side]["unselected"] = describe(values[~masks[side]])
+    return out
+
+
+def pair_margins(flat: dict, num_pairs: int) -> dict:
+    """The oracle's reward margin sum_t r(chosen_t) - sum_t r(rejected_t) per pair: its mean, and how often the
+    oracle prefers the chosen response (margin > 0)."""
+    margins = torch.zeros(num_pairs, dtype=torch.float64)
+    for sign, side in ((1, "chosen"), (-1, "rejected")):
+        values, lengths = flat[side]
+        margins.index_add_(0, torch.repeat_interleave(torch.arange(num_pairs), lengths), sign * values.double())
+    return {"mean_reward_margin": float(margins.mean()) if num_pairs else None,
+            "oracle_prefers_chosen": float((margins > 0).double().mean()) if num_pairs else None}
+
+
+def load_key_tokens(cfg: InspectConfig) -> KeyTokens | None:
+    """The key-token function of ``--task`` or ``--key-tokens`` (None: no selection quality)."""
+    if cfg.task:
+        from sepo.tasks import get_task
+
+        return get_task(cfg.task).key_tokens
+    if not cfg.key_tokens:
+        return None
+    module_name, fn_name = cfg.key_tokens.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SepoError(f"--key-tokens {cfg.key_tokens}: cannot import {fn_name} from module {module_name} ({e})") from None
+    if not callable(fn):
+        raise SepoError(f"--key-tokens {cfg.key_tokens} is not callable")
+    return fn
+
+
+def plot_concentration(path: Path, conc: Concentration) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([0, 1], [0, 1], "k:", label="uniform |r_t|")
+    for side in SIDES:
+        valid = ~conc.shares[side].isnan()
+        if valid.any():
+            ax1.plot(conc.grid.numpy(), (conc.curve_sums[side] / int(valid.sum())).numpy(), label=f"{side} (mean)",
+                     ls="-" if side == "chosen" else "--")
+            ax2.hist(conc.shares[side][valid].numpy(), bins=20, range=(0, 1), alpha=0.55, label=side)
+    ax1.axhline(conc.level, color="grey", ls="--", label=f"{conc.level:.0%} of sum |r_t|")
+    ax1.set(xlabel="share of a response's tokens (largest |r_t| first)", ylabel="share of the response's sum |r_t|",
+            ylim=(0, 1.02), title="reward concentration")
+    ax1.legend()
+    ax2.set(xlabel=f"share of tokens carrying {conc.level:.0%} of sum |r_t|", ylabel="responses",
+            title="per response")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_histograms(path: Path, flat: dict, masks: dict | None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if masks is not None else 1, figsize=(11 if masks is not None else 6, 4),
+                             squeeze=False)
+    for side in SIDES:
+        axes[0, 0].hist(flat[side][0].numpy(), bins=60, alpha=0.55, label=side)
+    axes[0, 0].set(xlabel="token reward r_t", ylabel="tokens", title="chosen vs rejected", yscale="log")
+    axes[0, 0].legend()
+    if masks is not None:
+        every = torch.cat([flat[s][0] for s in SIDES])
+        selected = torch.cat([masks[s] for s in SIDES])
+        axes[0, 1].hist(every[selected].numpy(), bins=60, alpha=0.55, label="selected")
+        axes[0, 1].hist(every[~selected].numpy(), bins=60, alpha=0.55, label="unselected")
+        axes[0, 1].set(xlabel="token reward r_t", title="selected vs unselected", yscale="log")
+        axes[0, 1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -114,98 +278,75 @@ def run(cfg: InspectConfig) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
-    from sepo.models import load_tokenizer
+    out = _output_folder(cfg)
+    key_tokens = load_key_tokens(cfg)  # a bad --task / --key-tokens fails before any work
+    ds, meta, flat, masks = _load(cfg)
+    summary: dict = {"num_pairs": len(ds), "has_selection": masks is not None, **reward_statistics(flat, masks),
+                     "pairs": pair_margins(flat, len(ds))}
+    concentration = measure_concentration(flat, cfg.level, cfg.batch_rows)
+    summary["concentration"] = concentration.summary()
+    tokenizer = _tokenizer(cfg, meta, required=key_tokens is not None)
+    if key_tokens is not None:
+        from sepo.tasks.quality import selection_report
 
+        summary["selection_quality"] = {"key_tokens": cfg.key_tokens or f"task {cfg.task}",
+                                        **selection_report(ds, tokenizer, key_tokens)}
+    _write_report(out, cfg, ds, meta, summary, flat, masks, concentration, tokenizer)
+    _log_summary(summary, out)
+    return summary
+
+
+def _output_folder(cfg: InspectConfig) -> Path:
     if not cfg.scores:
         raise ConfigError("sepo inspect needs --scores (a `sepo score` or `sepo select` folder)")
     out = Path(cfg.output) if cfg.output else Path(cfg.scores).parent / f"{Path(cfg.scores).name}-inspect"
     if out.exists() and not cfg.overwrite:
         raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
+    return out
 
-    # ---- 1. load ----
+
+def _load(cfg: InspectConfig):
+    """The dataset, its metadata, flat reward columns ``{side: (values, lengths)}`` and flat masks (or None)."""
     ds, meta = load_dataset_dir(cfg.scores, ("chosen_input_ids", "rejected_input_ids", "chosen_rewards",
                                              "rejected_rewards"), produced_by="sepo score")
-    has_masks = {"chosen_mask", "rejected_mask"} <= set(ds.column_names)
     table = arrow_table(ds)
     check_token_aligned(table, cfg.scores, kinds=("rewards", "mask"))
     flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
+    has_masks = {"chosen_mask", "rejected_mask"} <= set(ds.column_names)
     masks = {side: flat_column(table, f"{side}_mask")[0].bool() for side in SIDES} if has_masks else None
+    return ds, meta, flat, masks
 
-    # ---- 2. summary statistics ----
-    summary: dict = {"num_pairs": len(ds), "has_selection": has_masks}
-    for side in SIDES:
-        values, lengths = flat[side]
-        summary[side] = {"tokens": describe(values), "response_length_mean": float(lengths.double().mean())
-                         if len(lengths) else 0.0}
-        if masks is not None:
-            summary[side]["selected"] = describe(values[masks[side]])
-            summary[side]["unselected"] = describe(values[~masks[side]])
 
-    # ---- 3. reward concentration (paper Fig. 1), vectorized over padded batches of pairs ----
-    grid = torch.linspace(0, 1, CURVE_POINTS)
-    shares, curves = [], []
-    for b in range(0, len(ds), cfg.batch_rows):
-        rows = torch.arange(b, min(b + cfg.batch_rows, len(ds)))
-        (cr, cm, _), (rr, rm, _) = (pad_rows(*flat[side], rows) for side in SIDES)
-        contributions, mask = pair_contributions(cr, cm, rr, rm)  # (n, Lc + Lr)
-        shares.append(concentration(contributions, mask, cfg.level)[0])
-        curves.append(concentration_curve(contributions, mask, grid))
-    share = torch.cat(shares) if shares else torch.zeros(0)
-    curve = torch.cat(curves) if curves else torch.zeros(0, grid.numel())
-    valid = ~share.isnan()
-    margins = torch.zeros(len(ds), dtype=torch.float64)
-    for sign, side in ((1, "chosen"), (-1, "rejected")):
-        values, lengths = flat[side]
-        margins.index_add_(0, torch.repeat_interleave(torch.arange(len(ds)), lengths), sign * values.double())
-    summary["pairs"] = {
-        "mean_reward_margin": float(margins.mean()) if len(ds) else None,
-        "oracle_prefers_chosen": float((margins > 0).double().mean()) if len(ds) else None,
-        "concentration_level": cfg.level, "pairs_with_positive_margin": int(valid.sum()),
-        "mean_token_share_for_level": float(share[valid].mean()) if valid.any() else None,
-        "median_token_share_for_level": float(share[valid].median()) if valid.any() else None,
-    }
+def _tokenizer(cfg: InspectConfig, meta: dict, *, required: bool):
+    """The tokenizer to show tokens as text; ``required`` (key tokens are decoded from it): a missing one, or
+    one other than the data was tokenized with, is an error instead of ids on the page."""
+    from sepo.models import load_tokenizer, tokenizer_fingerprint
 
-    # ---- 4. plots and the HTML page, written atomically ----
-    tokenizer = None
+    name = cfg.tokenizer or meta.get("tokenizer") or ""
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer or meta.get("tokenizer") or "")
+        tokenizer = load_tokenizer(name)
     except SepoError as e:
+        if required:
+            raise SepoError(f"the key tokens are found in the decoded text, which needs the data's tokenizer: {e}; "
+                            "pass --tokenizer") from None
         log.warning("tokens shown as ids: %s", e)
+        return None
+    made_with = meta.get("tokenizer_fingerprint")
+    if required and made_with and tokenizer_fingerprint(tokenizer) != made_with:
+        raise SepoError(f"tokenizer {name} is not the one {cfg.scores} was tokenized with ({meta.get('tokenizer')}): "
+                        "its ids would decode to other text; pass that tokenizer with --tokenizer")
+    return tokenizer
+
+
+def _write_report(out: Path, cfg: InspectConfig, ds, meta: dict, summary: dict, flat: dict, masks: dict | None,
+                  concentration: Concentration, tokenizer) -> None:
     examples = [ds[i] for i in range(min(cfg.num_examples, len(ds)))]
     shown = [abs(r) for row in examples for side in SIDES for r in row[f"{side}_rewards"]]
     scale = float(torch.tensor(shown).quantile(COLOUR_QUANTILE)) if shown else 1.0
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        if valid.any():
-            ax1.plot(grid.numpy(), curve[valid].nanmean(0).numpy(), label="mean over pairs")
-            ax2.hist(share[valid].numpy(), bins=20, range=(0, 1), color="#4c72b0")
-        ax1.axhline(cfg.level, color="grey", ls="--", label=f"{cfg.level:.0%} of the reward difference")
-        ax1.set(xlabel="share of the pair's tokens (largest contributions first)",
-                ylabel="share of reward difference", title="reward concentration")
-        ax1.legend()
-        ax2.set(xlabel=f"share of tokens holding {cfg.level:.0%} of the difference", ylabel="pairs",
-                title=f"{int(valid.sum())} pairs with a positive margin")
-        fig.tight_layout()
-        fig.savefig(tmp / "concentration.png", dpi=110)
-        plt.close(fig)
-        fig, axes = plt.subplots(1, 2 if masks is not None else 1, figsize=(11 if masks is not None else 6, 4),
-                                 squeeze=False)
-        for side in SIDES:
-            axes[0, 0].hist(flat[side][0].numpy(), bins=60, alpha=0.55, label=side)
-        axes[0, 0].set(xlabel="token reward r_t", ylabel="tokens", title="chosen vs rejected", yscale="log")
-        axes[0, 0].legend()
-        if masks is not None:
-            every = torch.cat([flat[s][0] for s in SIDES])
-            chosen_sel = torch.cat([masks[s] for s in SIDES])
-            axes[0, 1].hist(every[chosen_sel].numpy(), bins=60, alpha=0.55, label="selected")
-            axes[0, 1].hist(every[~chosen_sel].numpy(), bins=60, alpha=0.55, label="unselected")
-            axes[0, 1].set(xlabel="token reward r_t", title="selected vs unselected", yscale="log")
-            axes[0, 1].legend()
-        fig.tight_layout()
-        fig.savefig(tmp / "reward_histograms.png", dpi=110)
-        plt.close(fig)
+        plot_concentration(tmp / "concentration.png", concentration)
+        plot_reward_histograms(tmp / "reward_histograms.png", flat, masks)
         (tmp / "examples.html").write_text(render_html(
             [{**row, "index": row.get("index", i)} for i, row in enumerate(examples)], tokenizer, scale,
             f"sepo inspect: {cfg.scores}"), encoding="utf-8")
@@ -213,11 +354,25 @@ def run(cfg: InspectConfig) -> dict:
         write_metadata(tmp, {"stage": "inspect", "sepo_version": __version__, "source": cfg.scores,
                              "tokenizer": meta.get("tokenizer"), "tokenizer_fingerprint": meta.get("tokenizer_fingerprint"),
                              "num_rows": len(ds), "config": to_dict(cfg)})
-    pairs = summary["pairs"]
-    if pairs["mean_token_share_for_level"] is not None:
-        log.info("%.0f%% of the reward difference sits in %.1f%% of a pair's tokens on average (%d pairs)",
-                 100 * cfg.level, 100 * pairs["mean_token_share_for_level"], pairs["pairs_with_positive_margin"])
+
+
+def _log_summary(summary: dict, out: Path) -> None:
+    conc = summary["concentration"]
+    every = conc["responses"]
+    if every["responses"]:
+        on_curve = every["tokens_for_level_on_mean_curve"]
+        log.info("%.0f%% of a response's sum |r_t| sits in its top %.0f%% of tokens (mean curve over %d responses; "
+                 "per response: mean %.1f%%, median %.1f%%)", 100 * conc["level"], 100 * on_curve,
+                 every["responses"], 100 * every["tokens_for_level_mean"], 100 * every["tokens_for_level_median"])
     else:
-        log.info("no pair has a positive reward margin (the oracle prefers no chosen response): no concentration")
+        log.info("every token reward is 0: no concentration")
+    pairs = summary["pairs"]
+    if pairs["oracle_prefers_chosen"] is not None:
+        log.info("the oracle prefers the chosen response in %.1f%% of %d pairs (mean margin %.4g)",
+                 100 * pairs["oracle_prefers_chosen"], summary["num_pairs"], pairs["mean_reward_margin"])
+    if "selection_quality" in summary:
+        from sepo.tasks.quality import markdown_table
+
+        quality = summary["selection_quality"]
+        log.info("selection quality against the key tokens of %s:\n%s", quality["key_tokens"], markdown_table(quality))
     log.info("wrote %s (summary.json, concentration.png, reward_histograms.png, examples.html)", out)
-    return summary

@@ -249,15 +249,28 @@ def check_stage_inputs(cfg: PipelineConfig, run_dir: Path) -> None:
 
 
 def random_masks_like(selected, seed: int):
-    """The control: per response, as many tokens as the oracle selected, at uniformly random positions."""
+    """The control: per response, as many tokens as the oracle selected, at uniformly random positions. The
+    per-token weights (``sepo select``'s ``*_weights``) move with the positions: the selected tokens' weights go
+    to the drawn positions, the others' to the rest, so a soft selection keeps its weights too."""
     rng = random.Random(seed)
+    has_weights = {"chosen_weights", "rejected_weights"} <= set(selected.column_names)
 
-    def redraw(mask: list[bool]) -> list[bool]:
-        picked = set(rng.sample(range(len(mask)), sum(map(bool, mask))))
-        return [i in picked for i in range(len(mask))]
+    def redraw(row: dict, side: str) -> dict:
+        mask = row[f"{side}_mask"]
+        picked = rng.sample(range(len(mask)), sum(map(bool, mask)))
+        kept = set(picked)
+        out = {f"{side}_mask": [i in kept for i in range(len(mask))]}
+        if has_weights:
+            weights = row[f"{side}_weights"]
+            moved = [0.0] * len(mask)
+            for i, w in zip(picked, [w for w, m in zip(weights, mask) if m]):
+                moved[i] = w
+            for i, w in zip([i for i in range(len(mask)) if i not in kept], [w for w, m in zip(weights, mask) if not m]):
+                moved[i] = w
+            out[f"{side}_weights"] = moved
+        return out
 
-    return selected.map(lambda row: {"chosen_mask": redraw(row["chosen_mask"]),
-                                     "rejected_mask": redraw(row["rejected_mask"])})
+    return selected.map(lambda row: {**redraw(row, "chosen"), **redraw(row, "rejected")})
 
 
 def token_fraction(selected) -> float:

@@ -2,9 +2,11 @@
 
     sepo select --scores runs/scores --output runs/selected --strategy ratio --chosen-ratio 0.3
     sepo select --scores runs/scores --output runs/selected-gpt2 --policy-tokenizer gpt2   # another tokenizer
+    sepo select --scores runs/scores --output runs/soft --weighting softmax --weight-quantile 0.9  # soft weights
 
 Output: the scored pairs plus ``chosen_mask`` / ``rejected_mask`` (bool lists aligned with the response
-ids) and ``sepo_metadata.json`` with the selection statistics. With ``--policy-tokenizer`` the rewards are
+ids), ``chosen_weights`` / ``rejected_weights`` (float lists: the mask as 0/1, or a soft selection with
+``--weighting clip|softmax``) and ``sepo_metadata.json`` with the selection statistics. With ``--policy-tokenizer`` the rewards are
 first projected onto the policy's tokens through character offsets (``sepo.core.projection``) and the id,
 reward and mask columns are all in the policy's tokenization. See docs/select.md.
 """
@@ -21,9 +23,9 @@ import torch
 from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
-from sepo.core.selection import SIDES, magnitude_quantile, select
+from sepo.core.selection import SIDES, WEIGHTINGS, magnitude_quantile, select, soft_weights
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.io import arrow_table, load_dataset_dir, save_dataset
+from sepo.io import arrow_table, flat_column, load_dataset_dir, save_dataset
 
 log = logging.getLogger(__name__)
 # rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python
@@ -33,6 +35,7 @@ PROJECTION_ROWS = 1024
 # for a multi-byte character split over several byte tokens
 PIECE_CONTEXT = 4
 SCORED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_rewards", "rejected_rewards")
+SELECTION_COLUMNS = ("chosen_mask", "rejected_mask", "chosen_weights", "rejected_weights")  # what select adds
 
 
 @dataclass
@@ -49,6 +52,12 @@ class SelectConfig:
                                      "threshold_quantile")
     threshold_quantile: float = option(0.7, "threshold: tau = this quantile of |r| over every token of the dataset")
     mass: float = option(0.8, "mass: fraction of a response's positive (chosen) / negative (rejected) reward to cover")
+    weighting: str = option("hard", "chosen_weights/rejected_weights: hard: the mask as 0/1; clip: clip(s*r/tau_w, 0, "
+                            "1); softmax: exp((s*r - max s*r)/tau_w) within a response (s = +1 chosen, -1 rejected)",
+                            choices=WEIGHTINGS)
+    weight_scale: float | None = option(None, "clip/softmax: the scale tau_w (reward units; softmax's temperature); "
+                                        "none: tau_w from weight_quantile")
+    weight_quantile: float = option(0.9, "clip/softmax: tau_w = this quantile of |r| over every token of the dataset")
     policy_tokenizer: str | None = option(None, "project rewards onto this tokenizer's tokens (hub id, folder or "
                                           "'stories260k') before selecting; none: the scoring tokenizer")
     batch_rows: int = option(8192, "responses selected per vectorized batch", unit="responses")
@@ -56,26 +65,18 @@ class SelectConfig:
 
     def __post_init__(self):
         validate_choices(self)
-        for name in ("chosen_ratio", "rejected_ratio", "threshold_quantile", "mass"):
+        for name in ("chosen_ratio", "rejected_ratio", "threshold_quantile", "mass", "weight_quantile"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be a fraction in [0, 1] (0.3 means 30%), got {getattr(self, name)}")
         if self.threshold is not None and self.threshold < 0:
             raise ConfigError(f"threshold must be >= 0 (it is applied as r > tau and r < -tau), got {self.threshold}")
+        if self.weight_scale is not None and not self.weight_scale > 0:
+            raise ConfigError(f"weight_scale must be > 0 (it divides the rewards), got {self.weight_scale}")
         if self.batch_rows < 1:
             raise ConfigError("batch_rows must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def flat_column(table, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list column of an Arrow table -> (flat values, lengths (N,) long), with no Python lists."""
-    import pyarrow.compute as pc
-
-    column = table.column(name)
-    lengths = torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64"))
-    values = torch.from_numpy(pc.list_flatten(column).to_numpy(zero_copy_only=False).copy())
-    return values, lengths
 
 
 def check_token_aligned(table, folder: str, kinds: tuple[str, ...] = ("rewards",)) -> None:
@@ -116,24 +117,47 @@ def pad_rows(values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor):
     return grid, mask, (flat, local, col)
 
 
-def select_flat(values: torch.Tensor, lengths: torch.Tensor, strategy: str, value: float, side: str,
-                batch_rows: int) -> torch.Tensor:
-    """Select over a flat column: rows are sorted by length and cut into padded (n, R) batches (little
-    padding), each selected in one vectorized call. values (M,), lengths (N,) -> (M,) bool."""
-    keep = torch.zeros(values.shape[0], dtype=torch.bool)
+def map_rows(values: torch.Tensor, lengths: torch.Tensor, fn, batch_rows: int, dtype) -> torch.Tensor:
+    """``fn(grid (n, R), mask (n, R)) -> (n, R)`` over a flat column: rows are sorted by length and cut into
+    padded batches (little padding), each handled in one vectorized call. values (M,), lengths (N,) -> (M,)."""
+    out = torch.zeros(values.shape[0], dtype=dtype)
     order = lengths.argsort(stable=True)
     for b in range(0, order.shape[0], batch_rows):
         rewards, mask, (flat, local, col) = pad_rows(values, lengths, order[b : b + batch_rows])  # (n, R)
-        keep[flat] = select(rewards, mask, strategy, value, side)[local, col]
-    return keep
+        out[flat] = fn(rewards, mask)[local, col]
+    return out
 
 
-def side_stats(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor) -> dict:
-    """Tokens kept, mean reward of selected vs unselected tokens, responses with an empty selection."""
+def select_flat(values: torch.Tensor, lengths: torch.Tensor, strategy: str, value: float, side: str,
+                batch_rows: int) -> torch.Tensor:
+    """The selection of every response of a flat column.  values (M,), lengths (N,) -> (M,) bool."""
+    return map_rows(values, lengths, lambda r, m: select(r, m, strategy, value, side), batch_rows, torch.bool)
+
+
+def weigh_flat(values: torch.Tensor, lengths: torch.Tensor, method: str, scale: float, side: str,
+               batch_rows: int) -> torch.Tensor:
+    """Soft weights (``sepo.core.selection.soft_weights``) of every response of a flat column.  -> (M,) float32"""
+    return map_rows(values, lengths, lambda r, m: soft_weights(r, m, method, scale, side), batch_rows, torch.float32)
+
+
+def list_column(values: torch.Tensor, lengths: torch.Tensor, arrow_type):
+    """A flat (M,) tensor and its row lengths (N,) -> an Arrow list column."""
+    import pyarrow as pa
+
+    offsets = pa.array(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).numpy().astype("int32"))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.numpy(), type=arrow_type))
+
+
+def side_stats(values: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor) -> dict:
+    """Tokens kept, mean reward of selected vs unselected tokens, responses with an empty selection, and the
+    weights' mean and responses whose weights are all 0 (training refuses an empty selection either way)."""
     row = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
     kept_per_row = torch.zeros(lengths.shape[0], dtype=torch.long).index_add_(0, row, keep.long())
+    weight_per_row = torch.zeros(lengths.shape[0], dtype=torch.float64).index_add_(0, row, weights.double())
     values = values.double()
     return {
+        "mean_weight": float(weights.double().mean()) if values.numel() else 0.0,
+        "zero_weight_responses": int(((weight_per_row == 0) & (lengths > 0)).sum()),
         "responses": int(lengths.shape[0]), "tokens": int(values.shape[0]), "selected": int(keep.sum()),
         "selected_fraction": float(keep.float().mean()) if values.numel() else 0.0,
         "mean_reward_selected": float(values[keep].mean()) if keep.any() else None,
@@ -205,7 +229,7 @@ def run(cfg: SelectConfig):
 
     # ---- 1. load scores ----
     ds, scores_meta = load_dataset_dir(cfg.scores, SCORED_COLUMNS, produced_by="sepo score")
-    ds = ds.remove_columns([c for c in ("chosen_mask", "rejected_mask") if c in ds.column_names])
+    ds = ds.remove_columns([c for c in SELECTION_COLUMNS if c in ds.column_names])
     check_token_aligned(arrow_table(ds), cfg.scores)
     tokenizer_name, tokenizer_fp = scores_meta.get("tokenizer"), scores_meta.get("tokenizer_fingerprint")
 
@@ -233,24 +257,35 @@ def run(cfg: SelectConfig):
             [ds.remove_columns(list(SCORED_COLUMNS)), datasets.Dataset.from_dict(projected, features=features)], axis=1)
         tokenizer_name, tokenizer_fp = cfg.policy_tokenizer, tokenizer_fingerprint(policy_tok)
 
-    # ---- 3. tau for the threshold strategy ----
+    # ---- 3. tau for the threshold strategy, tau_w for soft weights ----
     table = arrow_table(ds)
     flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
+    every = torch.cat([flat["chosen"][0], flat["rejected"][0]])
     tau = cfg.threshold
     if cfg.strategy == "threshold" and tau is None:
-        tau = magnitude_quantile(torch.cat([flat["chosen"][0], flat["rejected"][0]]), cfg.threshold_quantile)
+        tau = magnitude_quantile(every, cfg.threshold_quantile)
+    tau_w = None
+    if cfg.weighting != "hard":
+        tau_w = cfg.weight_scale if cfg.weight_scale is not None else magnitude_quantile(every, cfg.weight_quantile)
+        if not tau_w > 0:
+            raise SepoError(f"the {cfg.weight_quantile} quantile of |r| is 0 (most token rewards are 0), so soft weights "
+                            "have no scale; raise --weight-quantile or pass --weight-scale")
     value = {"ratio": {"chosen": cfg.chosen_ratio, "rejected": cfg.rejected_ratio},
              "threshold": {"chosen": tau, "rejected": tau},
              "mass": {"chosen": cfg.mass, "rejected": cfg.mass}}[cfg.strategy]
 
-    # ---- 4. select, vectorized over length-sorted padded batches ----
-    masks, stats = {}, {"strategy": cfg.strategy, "tau": tau}
+    # ---- 4. select (and weigh), vectorized over length-sorted padded batches ----
+    columns, stats = {}, {"strategy": cfg.strategy, "tau": tau, "weighting": cfg.weighting, "weight_scale": tau_w}
     for side in SIDES:
         values, lengths = flat[side]
         keep = select_flat(values, lengths, cfg.strategy, value[side], side, cfg.batch_rows)  # (M,)
-        offsets = pa.array(torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).numpy().astype("int32"))
-        masks[f"{side}_mask"] = pa.ListArray.from_arrays(offsets, pa.array(keep.numpy(), type=pa.bool_()))
-        stats[side] = side_stats(values, lengths, keep)
+        if cfg.weighting == "hard":
+            weights = keep.float()
+        else:
+            weights = weigh_flat(values, lengths, cfg.weighting, tau_w, side, cfg.batch_rows)  # (M,)
+        columns[f"{side}_mask"] = list_column(keep, lengths, pa.bool_())
+        columns[f"{side}_weights"] = list_column(weights, lengths, pa.float32())
+        stats[side] = side_stats(values, lengths, keep, weights)
         if stats[side]["empty_selections"]:
             log.warning("%d %s responses have an empty selection (%s)", stats[side]["empty_selections"], side,
                         "no token beyond tau" if cfg.strategy == "threshold" else
@@ -259,7 +294,7 @@ def run(cfg: SelectConfig):
 
     # ---- 5. write ----
     selected = datasets.concatenate_datasets(
-        [ds, datasets.Dataset(datasets.table.InMemoryTable(pa.table(masks)))], axis=1)
+        [ds, datasets.Dataset(datasets.table.InMemoryTable(pa.table(columns)))], axis=1)
     metadata = {
         "stage": "select", "sepo_version": __version__, "source": cfg.scores, "tokenizer": tokenizer_name,
         "tokenizer_fingerprint": tokenizer_fp, "num_rows": len(selected), "stats": stats,

@@ -139,8 +139,24 @@ def gold_reward_batch(prompts: Sequence[str], completions: Sequence[str]) -> lis
 def token_spans(tokenizer, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """Decoded text of ``ids`` and the character span of each token in it (special tokens: empty spans).
 
-    Built by decoding growing prefixes, so it works for any tokenizer whose decoding of a prefix is a prefix
-    of the full decoding (SentencePiece and byte-level BPE both are, away from split multi-byte characters)."""
+    A fast tokenizer decodes incrementally (``tokenizers.decoders.DecodeStream``: what each token adds,
+    linear in the length; a token that ends inside a multi-byte character adds nothing and the one that
+    completes it adds the character). Otherwise growing prefixes are decoded, which works for any tokenizer
+    whose decoding of a prefix is a prefix of the full decoding (SentencePiece and byte-level BPE both are,
+    away from split multi-byte characters) and costs quadratic time."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21
+    except ImportError:
+        backend = None
+    if backend is not None:
+        stream = DecodeStream(skip_special_tokens=True)
+        text, spans = "", []
+        for i in ids:
+            piece = stream.step(backend, int(i)) or ""
+            spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
     spans, prev = [], ""
     for i in range(len(ids)):
         cur = tokenizer.decode(list(ids[: i + 1]), skip_special_tokens=True)
