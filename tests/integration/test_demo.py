@@ -39,6 +39,10 @@ def test_quick_demo_results_schema(demo):
     table = (out / "results.md").read_text()
     assert "Fewer points than the full demo" in table  # the quick demo says what it leaves out
     assert "| KL ≤ 1 |" in table and all(f"| {m} |" in table for m in METHODS)
+    # the polarity-aware selection quality of both oracles and of the random control
+    selection = results["summary"]["selection"]
+    assert set(selection) == {"oracle", "weak"} and set(selection["oracle"]) == {"oracle", "random"}
+    assert "## Selection quality" in table and "first token of each key word" in table
 
 
 @pytest.mark.slow

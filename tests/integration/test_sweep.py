@@ -72,8 +72,19 @@ def test_sweep_rows_summary_and_plot(one_job):
         assert m["front"][0] == [0.0, summary["reference"]["reward"]]  # every front starts at the reference
         for at in m["at_budget"].values():
             assert at["low"] <= at["value"] <= at["high"]
+    # the selections against the task's known key tokens, by polarity (sepo.tasks.quality)
+    quality = summary["selection"]["oracle"]
+    assert set(quality) == {"oracle", "random"}
+    for report in quality.values():
+        assert report["pairs"] > 0 and report["has_selection"]
+        for side in ("chosen", "rejected"):
+            assert 0 <= report[side]["every_token"]["auroc"] <= 1
+    # the control keeps the oracle's token rewards (same AUROC) and only redraws which tokens are selected
+    assert quality["random"]["chosen"]["every_token"]["auroc"] == quality["oracle"]["chosen"]["every_token"]["auroc"]
+    assert quality["random"]["chosen"]["every_token"]["selected_tokens"] == \
+        quality["oracle"]["chosen"]["every_token"]["selected_tokens"]
     md = (out / "summary.md").read_text()
-    assert "| KL ≤ 1 |" in md and "| dpo |" in md and "## Samples" in md
+    assert "| KL ≤ 1 |" in md and "| dpo |" in md and "## Samples" in md and "## Selection quality" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / ".lock").read_text().isdigit()  # the lock file names the pid that held it
 

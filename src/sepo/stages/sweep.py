@@ -159,6 +159,8 @@ class Variant:
     folder: Path
     pipeline: Any  # PipelineConfig
     settings: dict  # what it was made with (its points' keys depend on it)
+    task: str | None = None  # the known-answer task whose key tokens judge its selections
+    tokenizer: str | None = None  # what its selections are tokenized with
 
 
 @dataclass
@@ -343,7 +345,8 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
                 "methods": {"control": {"loss": "sepo", "selection": "random"}} if name in randomised else {},
                 "sft": settings["sft"], "oracle": settings["oracle"], "score": settings["score"],
                 "select": settings["select"], "data_options": to_dict(cfg.data_options)})
-            variants[full] = Variant(full, folder, pipeline_cfg, {"configured": name, "axes": values, **settings})
+            variants[full] = Variant(full, folder, pipeline_cfg, {"configured": name, "axes": values, **settings},
+                                     task=cfg.task, tokenizer=policy)
     return variants
 
 

@@ -67,7 +67,8 @@ def jobs_of(plan) -> tuple[list[Job], int]:
     Variants run first (every point of theirs waits for them); a point that shares a reference cache with an
     earlier point waits for it, so one process computes the cache."""
     todo = [p for p in plan.points if not point_done(p)]
-    if not todo:
+    unjudged = [v for v in plan.variants.values() if v.task is not None and not (v.folder / QUALITY_FILE).is_file()]
+    if not todo and not unjudged:
         return [], len(plan.points)
     jobs = [Job(f"variant {v.name}", run_variant, v, is_point=False) for v in plan.variants.values()]
     leaders: dict[tuple, str] = {}
@@ -195,10 +196,42 @@ def run_variant(variant) -> dict:
         log.info("== variant %s (%s)", variant.name, time.strftime("%Y-%m-%d %H:%M:%S"))
         try:
             pipeline.run(variant.pipeline)
+            if variant.task is not None:
+                selection_quality(variant)
         except SepoError as e:
             log.error("variant %s failed: %s", variant.name, e)
             return {"status": "failed", "error": str(e)}
     return {"status": "ok"}
+
+
+QUALITY_FILE = "selection_quality.json"
+
+
+def selection_quality(variant) -> dict:
+    """The variant's selections (oracle and random control) against the task's known key tokens
+    (``sepo.tasks.quality.selection_report``), in ``<variant>/selection_quality.json``; kept while the
+    selections it was computed on are (their markers' fingerprints)."""
+    from sepo.io import load_dataset_dir
+    from sepo.models import load_tokenizer
+    from sepo.tasks import get_task
+    from sepo.tasks.quality import selection_report
+
+    made_from = {name: json.loads((variant.folder / f"{name}.done.json").read_text())["fingerprint"]
+                 for name in ("selected", "selected-random") if (variant.folder / f"{name}.done.json").is_file()}
+    path = variant.folder / QUALITY_FILE
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("made_from") == made_from:
+            return stored
+    tokenizer, key_tokens = load_tokenizer(variant.tokenizer), get_task(variant.task).key_tokens
+    reports = {}
+    for selection, name in (("oracle", "selected"), ("random", "selected-random")):
+        if name in made_from:
+            ds = load_dataset_dir(variant.folder / name, ("chosen_mask", "rejected_mask"))[0]
+            reports[selection] = selection_report(ds, tokenizer, key_tokens)
+    out = {"variant": variant.name, "task": variant.task, "made_from": made_from, "reports": reports}
+    atomic_write_json(path, out)
+    return out
 
 
 def run_point(point) -> dict:

@@ -5,6 +5,7 @@ and plots. docs/study.md explains how to read them.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def write(cfg, plan, rows: list[dict], *, seconds: float) -> dict:
         summary["frontier"] = matched_kl(cfg, reference, trained)
         frontier_plot(plan.out / "frontier.png", rows, summary)
         summary["plots"] = ["frontier.png"]
+    summary["selection"] = selection_quality(plan)
     summary["markdown"] = markdown(summary, rows)
     atomic_write_json(plan.out / "summary.json", {k: v for k, v in summary.items() if k != "markdown"})
     atomic_write_text(plan.out / "summary.md", summary["markdown"])
@@ -48,6 +50,18 @@ def write(cfg, plan, rows: list[dict], *, seconds: float) -> dict:
 
 
 # --------------------------------------------------------------------------- statistics
+
+
+def selection_quality(plan) -> dict:
+    """variant -> {oracle, random} -> ``selection_report`` (computed by the variant's job; a task's sweeps only)."""
+    from sepo.stages.sweep_jobs import QUALITY_FILE
+
+    out = {}
+    for name, variant in plan.variants.items():
+        path = variant.folder / QUALITY_FILE
+        if path.is_file():
+            out[name] = json.loads(path.read_text(encoding="utf-8"))["reports"]
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -164,11 +178,26 @@ def markdown(summary: dict, rows: list[dict]) -> str:
               "pref acc: held-out pairs; distinct-2: distinct word bigrams / all; repeated 3-grams: share of a "
               "sample's word trigrams that repeat; unknown words: share of words never seen in the training texts; "
               "U+FFFD: share of replacement characters; tokens: mean sample length.", ""]
+    lines += _selection_tables(summary)
     if summary["failed"]:
         lines += ["## Failed points", ""] + [f"- {f['id']}: {f['error']}" for f in summary["failed"]] + [""]
     lines += _samples(summary, rows)
     lines.append(f"{summary['num_points']} points; finished in {summary['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _selection_tables(summary: dict) -> list[str]:
+    """Each variant's selections against the task's key tokens (sepo.tasks.quality.markdown_table)."""
+    from sepo.tasks.quality import markdown_table
+
+    if not summary.get("selection"):
+        return []
+    lines = ["## Selection quality (known key tokens)", ""]
+    names = {"oracle": "the oracle's selection", "random": "the random control (as many tokens per response)"}
+    for variant, reports in summary["selection"].items():
+        for selection, report in reports.items():
+            lines += [markdown_table(report, title=f"variant {variant}: {names[selection]}")]
+    return lines
 
 
 def _samples(summary: dict, rows: list[dict]) -> list[str]:
