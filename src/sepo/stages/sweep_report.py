@@ -224,9 +224,20 @@ def _samples(summary: dict, rows: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------- frontier.png
 
 
+def _linear_in_kl(front: list) -> tuple[np.ndarray, np.ndarray]:
+    """The front as the value_at_budget interpolation draws it: linear in KL, so curved on the log axis."""
+    kls, rewards = [front[0][0]], [front[0][1]]
+    for (k0, r0), (k1, r1) in zip(front, front[1:]):
+        grid = np.linspace(k0, k1, 40)[1:]
+        kls += grid.tolist()
+        rewards += (r0 + (r1 - r0) * (grid - k0) / (k1 - k0)).tolist()
+    return np.array(kls), np.array(rewards)
+
+
 def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
     """Reward against KL (symlog x: linear below 0.1 nats, so the reference's KL 0 shows): each seed's point,
-    each strength's mean over seeds, and each method's Pareto front; the budgets as dotted lines."""
+    each strength's mean over seeds, and each method's Pareto front, drawn as the linear-in-KL interpolation
+    the budgets read; the budgets as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +254,7 @@ def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
             ax.scatter(*zip(*seeds), s=12, alpha=0.35, color=color)
         ax.scatter(*zip(*[(max(k, 0.0), r) for k, r in m["strength_points"]]), s=36, color=color, edgecolors="black",
                    linewidths=0.5)
-        ax.plot(*zip(*m["front"]), color=color, lw=1.6, label=method)
+        ax.plot(*_linear_in_kl(m["front"]), color=color, lw=1.6, label=method)
     ax.scatter([0.0], [summary["reference"]["reward"]], marker="*", s=160, color="black", zorder=5,
                label="reference (KL 0)")
     for b in summary["budgets"]:
