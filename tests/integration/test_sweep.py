@@ -182,7 +182,7 @@ def test_plan_takes_axes_written_on_the_command_line(tmp_path):
     ({"variants": {"weak": {"sft": {"num_epochs": 1}}}}, "set variants.weak.reference too"),
     ({"variants": {"v": {"oracle": {"learning_rate": []}}}}, "empty list"),
     ({"task_options": {"temperature_x": 1}}, "not an option of task sentiment"),
-    ({"data": "somewhere"}, "either task"),
+    ({"data": "somewhere"}, "exactly one of task"),
     ({"budgets": [0, 1]}, "budgets"),
 ])
 def test_plan_errors_are_clear(tmp_path, changes, message):

@@ -114,7 +114,8 @@ class SweepConfig:
         from sepo.stages.pipeline import parse_kit
 
         if (self.task is None) == (self.data is None):
-            raise ConfigError("give either task (a known-answer task: its pairs are generated) or data, not both")
+            raise ConfigError("give exactly one of task (a known-answer task of sepo.tasks: its pairs are generated) "
+                              "and data (preference data to read)")
         if self.task is not None:
             from sepo.tasks import get_task
 
