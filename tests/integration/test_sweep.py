@@ -164,6 +164,17 @@ def test_plan_expands_strength_axes_seeds_and_swept_variants(tmp_path):
     assert [pt.seed for pt in p.points[1:]] == sorted(pt.seed for pt in p.points[1:])  # seed by seed
 
 
+def test_a_task_with_oracle_options_selects_out_of_distribution(tmp_path):
+    """noisy_chosen's oracles train on its clean pairs (task/oracle) and score, select and train on its own."""
+    p = plan(tiny(tmp_path / "n", task="noisy_chosen"), tmp_path / "n")
+    pipeline = p.variants["oracle"].pipeline
+    assert pipeline.data == str(tmp_path / "n" / "task" / "oracle")
+    assert pipeline.score_data == str(tmp_path / "n" / "base" / "data" / "train")
+    dpo = next(pt for pt in p.points if pt.method == "dpo")
+    assert dpo.train.data == str(tmp_path / "n" / "base" / "data" / "train")
+    assert plan(tiny(tmp_path / "s"), tmp_path / "s").variants["oracle"].pipeline.score_data is None
+
+
 def test_plan_takes_axes_written_on_the_command_line(tmp_path):
     from sepo.config import load
 

@@ -301,6 +301,12 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
 
     base = base_pipeline(cfg, out)
     reference, policy = _starting_models(cfg, out, base)
+    oracle_data = None
+    if cfg.task is not None:
+        from sepo.tasks import get_task
+
+        if get_task(cfg.task).oracle_options is not None:
+            oracle_data = str(out / "task" / "oracle")  # the oracle's pairs; it selects on the task's own
     variants: dict[str, Variant] = {}
     for name, spec in cfg.variants.items():
         where = f"variants.{name}"
@@ -339,7 +345,8 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
             own_reference = settings.get("reference")
             stages = (["sft"] if own_reference and "sft" in spec else []) + ["oracle", "score", "select"]
             pipeline_cfg = from_dict(PipelineConfig, {
-                "output": str(folder), "data": str(out / "base" / "data" / "train"),
+                "output": str(folder), "data": oracle_data or str(out / "base" / "data" / "train"),
+                "score_data": str(out / "base" / "data" / "train") if oracle_data else None,
                 "eval_data": str(out / "base" / "data" / "eval"), "reference": own_reference or reference,
                 "policy": policy if (own_reference or policy != reference) else None, "stages": stages,
                 "oracle_fraction": settings["oracle_fraction"], "seed": cfg.seed,
@@ -551,9 +558,15 @@ def _generate_task_pairs(cfg: SweepConfig, out: Path) -> None:
     task = get_task(cfg.task)
     sampler = cfg.policy or cfg.reference
     options = {**task.options, **cfg.task_options}
-    settings = {"task": cfg.task, "options": options, "num_prompts": cfg.num_prompts, "eval_prompts": cfg.eval_prompts,
-                "max_new_tokens": cfg.max_new_tokens, "label_noise": cfg.label_noise, "seed": cfg.seed,
-                "sampler": sampler}
+    settings = {"task": cfg.task, "options": options, "oracle_options": task.oracle_options,
+                "num_prompts": cfg.num_prompts, "eval_prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens,
+                "label_noise": cfg.label_noise, "seed": cfg.seed, "sampler": sampler}
+    # (split, prompts, seed, options): with oracle_options the oracles train on other pairs of the same prompts
+    # (noisy_chosen: without the junk) and select on the task's own -- out-of-distribution selection
+    splits = [("train", slice(0, cfg.num_prompts), cfg.seed, options),
+              ("eval", slice(cfg.num_prompts, None), cfg.seed + 1, options)]
+    if task.oracle_options is not None:
+        splits.append(("oracle", slice(0, cfg.num_prompts), cfg.seed, {**options, **task.oracle_options}))
 
     def generate():
         from sepo.io import save_dataset
@@ -564,14 +577,13 @@ def _generate_task_pairs(cfg: SweepConfig, out: Path) -> None:
         prompts = task.prompts(cfg.num_prompts + cfg.eval_prompts, cfg.seed)
         meta = {"stage": "task", "sepo_version": __version__, "source": f"sepo.tasks:{cfg.task}", "tokenizer": sampler,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tok), "config": settings}
-        for name, part, seed in (("train", prompts[: cfg.num_prompts], cfg.seed),
-                                 ("eval", prompts[cfg.num_prompts :], cfg.seed + 1)):
-            log.info("task %s: %d %s prompts, two samples each from %s", cfg.task, len(part), name, sampler)
-            pairs = task.make_pairs(model, tok, part, max_new_tokens=cfg.max_new_tokens, label_noise=cfg.label_noise,
-                                    seed=seed, **options)
+        for name, part, seed, split_options in splits:
+            log.info("task %s: %d %s prompts from %s", cfg.task, len(prompts[part]), name, sampler)
+            pairs = task.make_pairs(model, tok, prompts[part], max_new_tokens=cfg.max_new_tokens,
+                                    label_noise=cfg.label_noise, seed=seed, **split_options)
             if len(pairs) < 2:
-                raise SepoError(f"task {cfg.task} made {len(pairs)} {name} pair(s) from {len(part)} prompts; raise "
-                                f"{'num_prompts' if name == 'train' else 'eval_prompts'}")
+                raise SepoError(f"task {cfg.task} made {len(pairs)} {name} pair(s) from {len(prompts[part])} prompts; "
+                                f"raise {'eval_prompts' if name == 'eval' else 'num_prompts'}")
             save_dataset(pairs, out / "task" / name, {**meta, "num_rows": len(pairs)}, overwrite=True)
 
     StageRunner(out, rerun=[])("task", out / "task", settings, generate)
