@@ -6,7 +6,8 @@ Model: a random-init Llama from the tiny-model kit, preset "small" (hidden 128, 
 8,192 or 50,257 tokens; fp32; CPU. One step = forward + backward + AdamW step on a batch of 4 pairs (8 sequences,
 prompts 64-128 and responses 32-128 tokens ending with EOS, right-padded), with a seeded 30% token selection.
 
-  ours   -- `sepo train`'s step (sepo.stages.train.compute_loss): chosen and rejected in one forward, the LM head and
+  ours   -- `sepo train`'s micro-batch (sepo.stages.train.compute_loss, then micro_batch_loss and micro_batch_stats as
+            the loop runs them): chosen and rejected in one forward, the LM head and
             fp32 log-softmax only at response positions (for sepo only the selected ones), in chunks of 64;
             dpo/ipo/rpo read the cached reference log-probs, tdpo runs its in-memory reference.
   naive  -- the plain step: full logits (N, T, V), log_softmax over all of them, gather the labels, mask to the
@@ -80,7 +81,8 @@ def make_batch(vocab: int, seed: int = 0):
             row[f"{side}_ref_logps"] = [-rng.random() * 10 for _ in ids]
         rows.append(row)
     batch = collate_pairs(rows, pad_token_id=0, weight_columns=("chosen_mask", "rejected_mask"),
-                          ref_columns=("chosen_ref_logps", "rejected_ref_logps"))
+                          ref_columns=("chosen_ref_logps", "rejected_ref_logps"), pair_weights=[1.0] * PAIRS,
+                          step_pairs=PAIRS)
     return batch, int(batch.attention_mask.sum()), torch
 
 
@@ -101,8 +103,8 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sepo.core.losses import LOSSES, NEEDS_REFERENCE
-    from sepo.stages.train import TrainConfig, compute_loss
+    from sepo.core.losses import LOSSES, needs_reference
+    from sepo.stages.train import TrainConfig, compute_loss, micro_batch_loss, micro_batch_stats
     from sepo.testing import tiny_config
 
     torch.set_num_threads(threads)
@@ -120,24 +122,27 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
         finally:
             tmp.cleanup()
     ref = None
-    if loss == "tdpo" or (path == "naive" and loss in NEEDS_REFERENCE):
+    if loss == "tdpo" or (path == "naive" and needs_reference(loss)):
         ref = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     cfg = TrainConfig(loss=loss, chunk_size=64)  # what sepo train uses on CPU
 
     def step():
-        if path == "ours":
-            out = compute_loss(cfg, model, ref, batch if loss != "sft" else _chosen_only(batch), {})
+        if path == "ours":  # the loop's micro-batch: the loss, normalised by the step's pairs, and the step's sums
+            b = batch if loss != "sft" else _chosen_only(batch)
+            out = compute_loss(cfg, model, ref, b, {})
+            loss_value = micro_batch_loss(out.losses, b.pair_weights, b.step_pairs, 1, 1)
+            micro_batch_stats(out, b, loss_value.detach(), torch.float64)
         else:
             logps = naive_log_probs(model, batch)
             weights = batch.response_mask.float() * (batch.token_weights if loss == "sepo" else 1.0)
             c, r = batch.split(logps)
             wc, wr = batch.split(weights)
             extra = {}
-            if loss in NEEDS_REFERENCE:
+            if needs_reference(loss):
                 with torch.no_grad():
                     extra["ref_chosen_logps"], extra["ref_rejected_logps"] = batch.split(naive_log_probs(ref, batch))
-            out = LOSSES[loss](c, r, wc, wr, **extra)
-        out.loss.backward()
+            loss_value = LOSSES[loss](c, r, wc, wr, **extra).loss
+        loss_value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

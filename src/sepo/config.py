@@ -187,11 +187,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def replace(cfg: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that re-runs validation."""
-    return dataclasses.replace(cfg, **changes)
-
-
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

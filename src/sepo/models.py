@@ -226,10 +226,11 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.hidden_states[-1]
 
 
-def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_size: int = 1024,
+def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
                        full_logits: bool = False) -> torch.Tensor:
     """Per-token log-probs (N, R) fp32 of ``batch.response_ids`` where ``mask`` (default: every response
-    token) is True, 0 elsewhere. ``full_logits=True`` forces the plain path (FSDP)."""
+    token) is True, 0 elsewhere. ``full_logits=True`` forces the plain path (FSDP). ``chunk_size`` None: the
+    device's default (``sepo.core.logprobs.default_chunk_size``)."""
     mask = batch.response_mask if mask is None else mask & batch.response_mask
     if full_logits or not selective_head_supported(model):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
@@ -238,7 +239,7 @@ def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_
     return selective_log_probs(hidden, output_head(model), batch.prompt_lengths, batch.response_ids, mask, chunk_size)
 
 
-def response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int = 512):
+def response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int | None = None):
     """Policy log-probs, reference log-probs and per-token KL(pi_ref || pi_theta), each (N, R) fp32 (TDPO)."""
     hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
     with torch.no_grad():

@@ -82,23 +82,23 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(tmp_path, monke
            "batch_size": 2, "shard_size": 3}
     score_stage.run(ScoreConfig(**cfg, output=str(tmp_path / "straight")))
 
-    save_shard, scored = score_stage._save_shard, []
+    score_rows, calls = score_stage.score_rows, []
 
-    def dies_on_third_shard(folder, start, result):
-        if len(scored) == 2:
+    def dies_on_third_shard(rows, *a, **k):
+        calls.append(len(rows))
+        if len(calls) == 3:
             raise RuntimeError("killed")
-        scored.append(start)
-        save_shard(folder, start, result)
+        return score_rows(rows, *a, **k)
 
-    monkeypatch.setattr(score_stage, "_save_shard", dies_on_third_shard)
+    monkeypatch.setattr(score_stage, "score_rows", dies_on_third_shard)
     with pytest.raises(RuntimeError, match="killed"):
         score_stage.run(ScoreConfig(**cfg, output=str(tmp_path / "resumed")))
     assert not (tmp_path / "resumed").exists()
     partial = tmp_path / "resumed.partial"
-    assert sorted(p.name for p in partial.iterdir() if p.name.startswith("shard-")) == ["shard-00000", "shard-00001"]
+    assert sorted(p.name for p in partial.iterdir() if p.name.startswith("piece-")) == ["piece-0000000000",
+                                                                                       "piece-0000000003"]
 
-    score_rows, calls = score_stage.score_rows, []
-    monkeypatch.setattr(score_stage, "_save_shard", save_shard)
+    calls.clear()
     monkeypatch.setattr(score_stage, "score_rows", lambda rows, *a, **k: calls.append(len(rows)) or score_rows(rows, *a, **k))
     with pytest.raises(SepoError, match="different config"):
         score_stage.run(ScoreConfig(**{**cfg, "beta": 0.5}, output=str(tmp_path / "resumed")))
@@ -108,6 +108,9 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_one(tmp_path, monke
     b, _ = load_dataset_dir(tmp_path / "resumed")
     assert a.to_dict() == b.to_dict()
     assert not partial.exists()
+    # shards read their rows through the selection: nothing (e.g. a datasets cache file) is written into the data
+    assert sorted(p.name for p in stories_pairs_dir.iterdir()) == ["data-00000-of-00001.arrow", "dataset_info.json",
+                                                                  "sepo_metadata.json", "state.json"]
 
 
 def test_nan_reward_names_the_row(tmp_path, stories_pairs_dir, stories260k):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sepo.core.losses import LOSSES, NEEDS_REFERENCE, get_loss
+from sepo.core.losses import LOSSES, is_reference_free, needs_reference, needs_reference_model
 from sepo.errors import ConfigError, SepoError
 
 
@@ -40,7 +40,7 @@ REF = {"ref_chosen_logps": torch.tensor([[-1.5, -1.5, 9.0]]), "ref_rejected_logp
 
 
 def call(name, pair, **kw):
-    extra = dict(REF) if name in NEEDS_REFERENCE else {}
+    extra = dict(REF) if needs_reference(name) else {}
     if name == "tdpo":
         extra |= {"chosen_kl": torch.tensor([[0.1, 0.2, 5.0]]), "rejected_kl": torch.tensor([[0.5, 0.5, 0.5]])}
     return LOSSES[name](pair["chosen_logps"], pair["rejected_logps"], pair["chosen_weights"], pair["rejected_weights"],
@@ -181,18 +181,41 @@ def test_beta_reaches_the_loss(name, pair):
     assert not torch.equal(call(name, pair, beta=0.1).losses, call(name, pair, beta=1.0).losses)
 
 
-@pytest.mark.parametrize("name", NEEDS_REFERENCE)
+@pytest.mark.parametrize("name", [n for n in LOSSES if needs_reference(n)])
 def test_a_reference_loss_without_reference_log_probs_is_an_error(name, pair):
     kl = {"chosen_kl": torch.zeros(1, 3), "rejected_kl": torch.zeros(1, 3)} if name == "tdpo" else {}
     with pytest.raises(SepoError, match="reference"):
         LOSSES[name](*pair.values(), **kl)
 
 
-def test_empty_selection_and_unknown_loss(pair):
-    with pytest.raises(SepoError, match="empty selection"):
-        call("sepo", dict(pair, rejected_weights=torch.zeros(1, 3)))
-    with pytest.raises(SepoError, match="known losses: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo"):
-        get_loss("ppo")
+def test_an_empty_selection_gives_a_zero_mean_not_a_device_check(pair):
+    """The losses do not check for an empty selection per call (train.check_pairs refuses it when the data is loaded);
+    a response with no counted token has a mean log-prob of 0 and no gradient. sepo, gamma = 1, rejected empty:
+    reward_w = -1.5, reward_l = 0, L = -log sigma(-1.5) = log(1 + e^1.5) = 1.7014132."""
+    logps = pair["rejected_logps"].clone().requires_grad_()
+    out = LOSSES["sepo"](pair["chosen_logps"], logps, pair["chosen_weights"], torch.zeros(1, 3))
+    assert_close(out.losses, torch.tensor([1.7014132]))
+    assert_close(out.rejected_rewards, torch.tensor([0.0]))
+    out.losses.sum().backward()
+    assert_close(logps.grad, torch.zeros(1, 3))
+
+
+def test_each_loss_says_what_reference_it_needs():
+    """Read off the signatures: one source of truth for the trainer and the pipeline."""
+    assert [n for n in LOSSES if needs_reference(n)] == ["dpo", "ipo", "rdpo", "rpo", "tdpo"]
+    assert [n for n in LOSSES if needs_reference_model(n)] == ["tdpo"]
+    assert [n for n in LOSSES if is_reference_free(n)] == ["sft", "simpo", "rrhf", "sepo"]
+
+
+def test_metric_sums_weight_each_pair(pair):
+    """Two pairs (the example, dpo beta = 0.5: loss 0.3132617, rewards 0 and -1) with weights 1 and 0: the sums are
+    the first pair's values; with weights 1 and 1 the loss sum doubles. metrics() are means, still tensors."""
+    two = {k: torch.cat([v, v]) for k, v in pair.items()}
+    ref = {k: torch.cat([v, v]) for k, v in REF.items()}
+    out = LOSSES["dpo"](*two.values(), **ref, beta=0.5)
+    assert_close(out.metric_sums(torch.tensor([1.0, 0.0])), torch.tensor([0.3132617, 0.0, -1.0, 1.0, 1.0]))
+    assert_close(out.metric_sums()[0], torch.tensor(2 * 0.3132617))
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.metrics().values())
 
 
 def test_train_config_routes_every_knob_and_refuses_ignored_ones():

@@ -52,6 +52,7 @@ CPU_CHUNK_SIZE, GPU_CHUNK_SIZE = 64, 1024
 
 
 def default_chunk_size(device: torch.device) -> int:
+    """The chunk used wherever a caller passes ``chunk_size=None``: per device, never one literal for all."""
     return GPU_CHUNK_SIZE if device.type == "cuda" else CPU_CHUNK_SIZE
 
 
@@ -70,10 +71,13 @@ def _chunk_logps_tiled(weight: torch.Tensor, h: torch.Tensor, targets: torch.Ten
     return target_logits - log_z
 
 
-def rows_log_probs(head: Head, hidden_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(target | row) for flat rows.  hidden_rows (M, H), targets (M,) -> (M,) fp32"""
+def rows_log_probs(head: Head, hidden_rows: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """log p(target | row) for flat rows, ``chunk_size`` rows at a time (None: ``default_chunk_size``).
+    hidden_rows (M, H), targets (M,) -> (M,) fp32"""
     if hidden_rows.shape[0] == 0:
         return hidden_rows.new_zeros(0, dtype=torch.float32)
+    chunk_size = chunk_size or default_chunk_size(hidden_rows.device)
     out = []
     grad = torch.is_grad_enabled() and hidden_rows.requires_grad
     # Without autograd on a CPU (scoring, the reference cache) a plain linear head is reduced tile by tile.
@@ -95,7 +99,7 @@ def selective_log_probs(
     prompt_lengths: torch.Tensor,
     response_ids: torch.Tensor,
     mask: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probs of response tokens where ``mask`` is True; 0 elsewhere.
 
@@ -135,13 +139,14 @@ def selective_log_probs_and_kl(
     prompt_lengths: torch.Tensor,
     response_ids: torch.Tensor,
     mask: torch.Tensor,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Policy log-probs, reference log-probs and the per-token sequential KL ``KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t))``
     (TDPO needs the reference's full distribution at every response position). Each (N, R) fp32, 0 off-mask."""
     positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
     rows, ref_rows = gather_hidden(hidden, positions, mask), gather_hidden(ref_hidden, positions, mask)  # (M, H)
     targets = response_ids[mask]  # (M,)
+    chunk_size = chunk_size or default_chunk_size(hidden.device)
     grad = torch.is_grad_enabled() and rows.requires_grad
     parts = []
     for s in range(0, rows.shape[0], chunk_size):

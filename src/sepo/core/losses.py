@@ -14,12 +14,20 @@ sequential KL. Hyper-parameters are keyword-only with the source paper's default
 Each returns a :class:`LossOutput`: per-pair ``losses`` (B,), the implicit ``chosen_rewards`` and
 ``rejected_rewards`` (B,, detached), and from them ``accuracies`` and ``margins``.
 
-``LOSSES`` maps a name to its function; ``NEEDS_REFERENCE`` (cached reference log-probs) and
-``NEEDS_REFERENCE_MODEL`` (the reference's full distribution, kept in memory) say what a loss consumes.
+``LOSSES`` maps a name to its function. What a loss consumes is read off its signature, so each loss says it
+once: ``needs_reference(name)`` (it takes ``ref_chosen_logps``: cached reference log-probs),
+``needs_reference_model(name)`` (it takes ``chosen_kl``: the reference's full distribution, kept in memory) and
+``is_reference_free(name)``.
+
+Precondition: every response has at least one counted token (a weight > 0). ``sepo train`` checks it once, when it
+loads the data (``sepo.stages.train_data.check_pairs``); the losses do not check it per call (that would read a
+device value back on every micro-batch). Where a mean over the counted tokens is taken, a response with none
+gets 0 (and no gradient) rather than a division by zero.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +35,9 @@ import torch.nn.functional as F
 
 from sepo.errors import SepoError
 
-__all__ = ["LOSSES", "NEEDS_REFERENCE", "NEEDS_REFERENCE_MODEL", "LossOutput", "sequence_logps"]
+__all__ = ["LOSSES", "METRICS", "LossOutput", "is_reference_free", "needs_reference", "needs_reference_model",
+           "sequence_logps"]
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")  # LossOutput.metric_sums
 
 
 @dataclass
@@ -48,15 +58,20 @@ class LossOutput:
     def accuracies(self) -> torch.Tensor:
         return (self.chosen_rewards > self.rejected_rewards).float()  # (B,)
 
-    def metrics(self) -> dict[str, float]:
-        """Batch means as plain floats, for logging."""
-        return {
-            "loss": float(self.loss.detach()),
-            "rewards/chosen": float(self.chosen_rewards.mean()),
-            "rewards/rejected": float(self.rejected_rewards.mean()),
-            "rewards/accuracy": float(self.accuracies.mean()),
-            "rewards/margin": float(self.margins.mean()),
-        }
+    def per_pair(self) -> torch.Tensor:
+        """(B, 5) detached: loss, chosen reward, rejected reward, accuracy, margin of each pair (order of METRICS)."""
+        return torch.stack([self.losses.detach(), self.chosen_rewards, self.rejected_rewards, self.accuracies,
+                            self.margins], dim=-1)
+
+    def metric_sums(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """(5,) weighted sums over the pairs (``weights`` (B,), default 1), still on the device: a training loop
+        adds them up and divides by the summed weights when it logs, so nothing is read back per micro-batch."""
+        values = self.per_pair()  # (B, 5)
+        return values.sum(0) if weights is None else (values * weights[:, None]).sum(0)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Batch means as 0-dim tensors (``.item()`` them only when they are logged)."""
+        return dict(zip(METRICS, self.per_pair().mean(0)))
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -67,14 +82,11 @@ def sequence_logps(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (logps * weights).sum(-1)
 
 
-def _mean_logps(logps: torch.Tensor, weights: torch.Tensor, side: str) -> torch.Tensor:
-    """Weighted mean log-prob per response; a response with no counted token is an error.  -> (B,)"""
+def _mean_logps(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean log-prob per response, (1/|S|) sum_{t in S} log pi(y_t | x, y_<t); 0 for a response with no
+    counted token (see the module docstring's precondition).  (B, R), (B, R) -> (B,)"""
     counts = weights.sum(-1)  # (B,)
-    if bool((counts <= 0).any()):
-        row = int((counts <= 0).nonzero()[0])
-        raise SepoError(f"pair {row} of the batch has no {side} token to average over (an empty selection); "
-                        "every response needs at least one selected token")
-    return sequence_logps(logps, weights) / counts
+    return sequence_logps(logps, weights) / counts.clamp(min=torch.finfo(counts.dtype).tiny)
 
 
 def _require_reference(name: str, *refs) -> None:
@@ -110,11 +122,11 @@ def sft_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights) -> 
     every chosen token of the batch, which weighs long responses more. sepo's batches are length-bucketed, so
     the two differ little in practice; the per-pair form keeps ``losses`` a meaningful (B,) vector.
     """
-    chosen_mean = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    chosen_mean = _mean_logps(chosen_logps, chosen_weights)  # (B,)
     if rejected_logps is None:
         rejected_mean = torch.zeros_like(chosen_mean)
     else:
-        rejected_mean = _mean_logps(rejected_logps, rejected_weights, "rejected")
+        rejected_mean = _mean_logps(rejected_logps, rejected_weights)
     return LossOutput(-chosen_mean, chosen_mean.detach(), rejected_mean.detach())
 
 
@@ -192,7 +204,7 @@ def rpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, ref
     _require_reference("rpo", ref_chosen_logps, ref_rejected_logps)
     h, chosen_ratio, rejected_ratio = _dpo_logits(chosen_logps, rejected_logps, chosen_weights, rejected_weights,
                                                   ref_chosen_logps, ref_rejected_logps)
-    nll = -_mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    nll = -_mean_logps(chosen_logps, chosen_weights)  # (B,)
     losses = -F.logsigmoid(beta * h) + alpha * nll
     return LossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
@@ -204,8 +216,8 @@ def simpo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *
         reward(y) = (beta / |y|) log pi(y)
         L = -log sigma(reward(y_w) - reward(y_l) - gamma)      (label_smoothing eps mixes in the flipped label)
     """
-    chosen_rewards = beta * _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
-    rejected_rewards = beta * _mean_logps(rejected_logps, rejected_weights, "rejected")  # (B,)
+    chosen_rewards = beta * _mean_logps(chosen_logps, chosen_weights)  # (B,)
+    rejected_rewards = beta * _mean_logps(rejected_logps, rejected_weights)  # (B,)
     logits = chosen_rewards - rejected_rewards - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
@@ -226,8 +238,8 @@ def rrhf_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *,
     on the batch; "mean" divides by the response's own length instead. Their rrhf_weight on the rank term is
     1 / alpha here, up to the overall scale of the loss.
     """
-    p_chosen = _mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
-    p_rejected = _mean_logps(rejected_logps, rejected_weights, "rejected")  # (B,)
+    p_chosen = _mean_logps(chosen_logps, chosen_weights)  # (B,)
+    p_rejected = _mean_logps(rejected_logps, rejected_weights)  # (B,)
     if sft_reduction == "mean":
         sft = -p_chosen
     elif sft_reduction == "sum":
@@ -282,13 +294,11 @@ def sepo_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights, *,
     length (``chosen_lengths`` / ``rejected_lengths``, (B,)).
     """
     if normalize == "selected":
-        chosen_mean = _mean_logps(chosen_logps, chosen_weights, "selected chosen")  # (B,)
-        rejected_mean = _mean_logps(rejected_logps, rejected_weights, "selected rejected")  # (B,)
+        chosen_mean = _mean_logps(chosen_logps, chosen_weights)  # (B,)
+        rejected_mean = _mean_logps(rejected_logps, rejected_weights)  # (B,)
     elif normalize == "length":
         if chosen_lengths is None or rejected_lengths is None:
             raise SepoError("sepo normalize='length' needs chosen_lengths and rejected_lengths")
-        _mean_logps(chosen_logps, chosen_weights, "selected chosen")  # an empty selection is still an error
-        _mean_logps(rejected_logps, rejected_weights, "selected rejected")
         chosen_mean = sequence_logps(chosen_logps, chosen_weights) / chosen_lengths.clamp(min=1)
         rejected_mean = sequence_logps(rejected_logps, rejected_weights) / rejected_lengths.clamp(min=1)
     else:
@@ -309,12 +319,19 @@ LOSSES = {
     "tdpo": tdpo_loss,
     "sepo": sepo_loss,
 }
-NEEDS_REFERENCE = ("dpo", "ipo", "rdpo", "rpo", "tdpo")  # take ref_chosen_logps / ref_rejected_logps
-NEEDS_REFERENCE_MODEL = ("tdpo",)  # the reference's full distribution at every position: kept in memory
 
 
-def get_loss(name: str):
-    """The loss function called ``name``; an unknown name lists the known ones."""
-    if name not in LOSSES:
-        raise SepoError(f"unknown loss '{name}'; known losses: {', '.join(LOSSES)}")
-    return LOSSES[name]
+def needs_reference(name: str) -> bool:
+    """Whether loss ``name`` compares the policy with a reference (it takes ``ref_chosen_logps``)."""
+    return "ref_chosen_logps" in inspect.signature(LOSSES[name]).parameters
+
+
+def needs_reference_model(name: str) -> bool:
+    """Whether loss ``name`` needs the reference's whole distribution at every position (it takes ``chosen_kl``),
+    so the reference stays in memory instead of being replaced by cached log-probs."""
+    return "chosen_kl" in inspect.signature(LOSSES[name]).parameters
+
+
+def is_reference_free(name: str) -> bool:
+    """Whether loss ``name`` never reads a reference model (as torchtune's ``is_reference_free``)."""
+    return not needs_reference(name)

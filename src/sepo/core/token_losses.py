@@ -46,10 +46,8 @@ def _selected_rewards(chosen_logps, rejected_logps, chosen_weights, rejected_wei
                       rejected_selection, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SePO's rewards r(y_w), r(y_l) = gamma * (selection-weighted token mean of log pi), each (B,). A selection may
     be a bool mask or float weights."""
-    chosen = gamma * _mean_logps(chosen_logps, chosen_weights * chosen_selection.to(chosen_weights.dtype),
-                                 "selected chosen")
-    rejected = gamma * _mean_logps(rejected_logps, rejected_weights * rejected_selection.to(rejected_weights.dtype),
-                                   "selected rejected")
+    chosen = gamma * _mean_logps(chosen_logps, chosen_weights * chosen_selection.to(chosen_weights.dtype))
+    rejected = gamma * _mean_logps(rejected_logps, rejected_weights * rejected_selection.to(rejected_weights.dtype))
     return chosen, rejected
 
 
@@ -159,7 +157,7 @@ def sepo_nll_loss(chosen_logps, rejected_logps, chosen_weights, rejected_weights
     """
     r_w, r_l = _selected_rewards(chosen_logps, rejected_logps, chosen_weights, rejected_weights, chosen_selection,
                                  rejected_selection, gamma)
-    nll = -_mean_logps(chosen_logps, chosen_weights, "chosen")  # (B,)
+    nll = -_mean_logps(chosen_logps, chosen_weights)  # (B,)
     losses = -F.logsigmoid(r_w - r_l) + alpha * nll
     return LossOutput(losses, r_w.detach(), r_l.detach())
 

@@ -7,11 +7,12 @@
 See docs/data.md for formats, the boundary rule, truncation and validation.
 """
 
+from sepo.data.columns import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.data.formats import REASONS, detect_format
 from sepo.data.load import RawPairs, load_pairs, load_preference_data, pairs_metadata
 from sepo.data.options import DataOptions
 from sepo.data.subsets import shuffle, subset, train_eval_split
-from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS, TokenizedPairs, tokenize_pairs
+from sepo.data.tokenize import TokenizedPairs, tokenize_pairs
 
 __all__ = [
     "REASONS",

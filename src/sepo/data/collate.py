@@ -26,16 +26,19 @@ class PairBatch:
     token_weights: torch.Tensor | None = None  # (N, R) float: SePO selection (1 = key token), None = all tokens
     ref_logps: torch.Tensor | None = None  # (N, R) float32: cached reference log-probs, None when not cached
     include_rejected: bool = True
+    # (B,) float: 1 = the pair counts, 0 = a copy that only pads the last global batch (sepo.data.loader)
+    pair_weights: torch.Tensor | None = None
+    step_pairs: int | None = None  # pairs that count in this batch's whole optimizer step, over every process
 
     @property
     def num_pairs(self) -> int:
         return int(self.index.shape[0])
 
-    def to(self, device) -> PairBatch:
+    def to(self, device, non_blocking: bool = False) -> PairBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device) if isinstance(v, torch.Tensor) else v
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
         return PairBatch(**moved)
 
     def split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +64,13 @@ def collate_pairs(
     include_rejected: bool = True,
     weight_columns: tuple[str, str] | None = None,
     ref_columns: tuple[str, str] | None = None,
-    pad_to_multiple_of: int | None = None,
+    pair_weights: Sequence[float] | None = None,
+    step_pairs: int | None = None,
 ) -> PairBatch:
     """Rows with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (response ids only) and
     an ``index`` -> PairBatch. ``weight_columns`` e.g. ("chosen_mask", "rejected_mask") from ``sepo select``;
-    ``ref_columns`` e.g. ("chosen_ref_logps", "rejected_ref_logps") from the reference cache."""
+    ``ref_columns`` e.g. ("chosen_ref_logps", "rejected_ref_logps") from the reference cache; ``pair_weights`` and
+    ``step_pairs`` from the training loader (``sepo.data.loader``)."""
     sides = ["chosen", "rejected"] if include_rejected else ["chosen"]
     prompts, responses = [], []
     for side in sides:
@@ -73,11 +78,8 @@ def collate_pairs(
             prompts.append(list(r["prompt_input_ids"]))
             responses.append(list(r[f"{side}_input_ids"]))
     seqs = [p + y for p, y in zip(prompts, responses)]
-    length = max(len(s) for s in seqs)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = pad_right(seqs, pad_token_id, length=length)  # (N, T)
-    attention_mask = pad_right([[1] * len(s) for s in seqs], 0, length=length)  # (N, T)
+    input_ids = pad_right(seqs, pad_token_id)  # (N, T)
+    attention_mask = pad_right([[1] * len(s) for s in seqs], 0)  # (N, T)
     response_ids = pad_right(responses, 0)  # (N, R)
     response_mask = pad_right([[True] * len(y) for y in responses], False, dtype=torch.bool, length=response_ids.shape[1])
 
@@ -97,6 +99,8 @@ def collate_pairs(
         token_weights=grid(weight_columns, torch.float32),
         ref_logps=grid(ref_columns, torch.float32),
         include_rejected=include_rejected,
+        pair_weights=None if pair_weights is None else torch.tensor(list(pair_weights), dtype=torch.float32),
+        step_pairs=step_pairs,
     )
 
 
@@ -107,11 +111,11 @@ def length_bucketed_batches(
     shuffle: bool = True,
     seed: int = 0,
     bucket_batches: int = 50,
-    drop_last: bool = False,
 ) -> list[list[int]]:
     """Batches of row indices with little padding: rows are (optionally) shuffled, cut into buckets of
     ``bucket_batches * batch_size`` rows, sorted by length inside each bucket, cut into batches, and the
-    batches shuffled. Deterministic for a given seed, so a resumed run can skip the batches already done."""
+    batches shuffled. Deterministic for a given seed. Only the last batch of the last bucket can be short.
+    (Training draws its batches through ``sepo.data.loader.GlobalBatchSampler``, built on this.)"""
     order = list(range(len(lengths)))
     rng = random.Random(seed)
     if shuffle:
@@ -121,8 +125,6 @@ def length_bucketed_batches(
     for start in range(0, len(order), bucket):
         chunk = sorted(order[start : start + bucket], key=lambda i: (-lengths[i], i))
         batches += [chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size)]
-    if drop_last:
-        batches = [b for b in batches if len(b) == batch_size]
     if shuffle:
         rng.shuffle(batches)
     return batches

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sepo.data.columns import REWARD_COLUMNS, TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.data.formats import (
     CONSUMED,
     NORMALISERS,
@@ -19,7 +20,7 @@ from sepo.data.formats import (
 )
 from sepo.data.options import DataOptions
 from sepo.data.sources import INVALID_HINT, read_source
-from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS, tokenize_pairs
+from sepo.data.tokenize import tokenize_pairs
 from sepo.errors import DataError, SepoError
 from sepo.io import arrow_table
 
@@ -157,7 +158,7 @@ def load_pairs(data: str, tokenizer, options: DataOptions):
         elif stored != current:
             made_with = metadata.get("tokenizer") or "an unrecorded tokenizer"
             name = getattr(tokenizer, "name_or_path", "TOKENIZER")
-            if "chosen_rewards" in dataset.column_names:
+            if REWARD_COLUMNS[0] in dataset.column_names:
                 # re-preparing would drop the token rewards; projecting them keeps them
                 fix = f"carry the rewards over: sepo select --scores {data} --policy-tokenizer {name} --output NEW_DIR"
             else:

@@ -31,25 +31,20 @@ a cut, not an end the text had; the truncation counts make that visible).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sepo.data.columns import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.data.formats import REASONS
 from sepo.data.options import DataOptions
+from sepo.data.rows import progress_bars
 from sepo.data.sources import INVALID_HINT
 from sepo.errors import ConfigError, DataError, SepoError
 
 log = logging.getLogger(__name__)
 
-TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-# Per-token columns later stages add, one entry per response id (score: rewards, select: masks and weights,
-# train's reference cache: log-probs). They belong to one tokenization: re-tokenizing pairs drops them, since they
-# would no longer line up with the new ids.
-TOKEN_ALIGNED_COLUMNS = ("chosen_rewards", "rejected_rewards", "chosen_mask", "rejected_mask", "chosen_weights",
-                         "rejected_weights", "chosen_ref_logps", "rejected_ref_logps")
 _SIDES = ("chosen", "rejected")
 # per-row bookkeeping columns written by the map and removed afterwards
 _PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE = "_problem", "_problem_field", "_problem_message"
@@ -214,7 +209,7 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
     # an explicit fingerprint: hashing the tokenizer object is slow and unstable across processes
     key = fingerprint(dataset._fingerprint, tokenizer_fingerprint(tokenizer), template.kind, template.text,
                       asdict(options))
-    with _progress_bar(len(dataset) > PROGRESS_MIN_ROWS):
+    with progress_bars(len(dataset) > PROGRESS_MIN_ROWS):
         mapped = dataset.map(encoder, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=options.num_proc,
                              new_fingerprint=key,
                              desc="tokenizing pairs")
@@ -249,21 +244,6 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
         "dropped": dict(sorted(dropped.items())),
     }
     return TokenizedPairs(dataset=mapped, stats=stats, chat_template=template.kind)
-
-
-@contextlib.contextmanager
-def _progress_bar(show: bool):
-    """datasets' progress bars only for long maps (their switch is global, so restore it)."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if not show:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
 
 
 def _counts(dropped: Counter) -> str:

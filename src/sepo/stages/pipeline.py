@@ -34,6 +34,8 @@ from typing import Any
 
 from sepo import __version__
 from sepo.config import from_dict, option, to_dict
+from sepo.core.losses import is_reference_free
+from sepo.data.columns import MASK_COLUMNS, SOFT_WEIGHT_COLUMNS
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
 from sepo.io import (
@@ -46,7 +48,6 @@ from sepo.io import (
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "oracle", "score", "select", "train", "eval")
-REFERENCE_FREE = ("sepo", "simpo", "sft", "rrhf")
 METHOD_KEYS = ("loss", "selection", "model")  # the rest of a method's mapping are TrainConfig keys
 SELECTIONS = ("oracle", "random", "none")
 # pipeline-owned keys of each stage config (a section may not set them)
@@ -117,7 +118,11 @@ def _stage_class(module: str, name: str):
         raise SepoError(f"stage sepo.stages.{module} is not available ({e})") from None
 
 
-COMMAND = {"train": "train", "score": "score", "select": "select", "evaluate": "eval"}  # module -> `sepo <command>`
+def _command(module: str) -> str:
+    """The `sepo <command>` that runs stage module ``module`` (from cli.COMMANDS)."""
+    from sepo.cli import COMMANDS
+
+    return next(name for name, (mod, *_) in COMMANDS.items() if mod == f"sepo.stages.{module}")
 
 
 def _build(module: str, cls_name: str, owned: dict, *sections: tuple[str, dict], where: str):
@@ -130,8 +135,8 @@ def _build(module: str, cls_name: str, owned: dict, *sections: tuple[str, dict],
         for key in entries:
             if key not in names:
                 close = difflib.get_close_matches(str(key), sorted(names), n=1)
-                hint = f"did you mean {section}.{close[0]}?" if close else f"`sepo {COMMAND[module]} --help` lists them"
-                raise ConfigError(f"{section}.{key} is not a `sepo {COMMAND[module]}` key; {hint}")
+                hint = f"did you mean {section}.{close[0]}?" if close else f"`sepo {_command(module)} --help` lists them"
+                raise ConfigError(f"{section}.{key} is not a `sepo {_command(module)}` key; {hint}")
         values.update(entries)
     values.update({k: v for k, v in owned.items() if k in names or k in ("model", "data", "output")})
     try:
@@ -199,7 +204,7 @@ def stage_configs(cfg: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     for name in ["reference", *method_specs(cfg)]:
         spec = method_specs(cfg).get(name, {"loss": "sft", "model": None})
         model = (spec["model"] or policy) if name == "reference" else str(run_dir / f"policy-{name}")
-        metric = "logprob" if spec["loss"] in REFERENCE_FREE else "implicit"
+        metric = "logprob" if is_reference_free(spec["loss"]) else "implicit"
         out[f"eval:{name}"] = _build("evaluate", "EvalConfig", {
             "model": model, "reference": spec["model"] or policy, "data": eval_dir, "reward": cfg.reward,
             "output": str(run_dir / f"eval-{name}"), "accuracy_metric": metric, "seed": cfg.seed,
@@ -253,7 +258,7 @@ def random_masks_like(selected, seed: int):
     per-token weights (``sepo select``'s ``*_weights``) move with the positions: the selected tokens' weights go
     to the drawn positions, the others' to the rest, so a soft selection keeps its weights too."""
     rng = random.Random(seed)
-    has_weights = {"chosen_weights", "rejected_weights"} <= set(selected.column_names)
+    has_weights = set(SOFT_WEIGHT_COLUMNS) <= set(selected.column_names)
 
     def redraw(row: dict, side: str) -> dict:
         mask = row[f"{side}_mask"]
@@ -274,8 +279,8 @@ def random_masks_like(selected, seed: int):
 
 
 def token_fraction(selected) -> float:
-    total = sum(len(m) for side in ("chosen_mask", "rejected_mask") for m in selected[side])
-    return sum(sum(m) for side in ("chosen_mask", "rejected_mask") for m in selected[side]) / max(total, 1)
+    total = sum(len(m) for column in MASK_COLUMNS for m in selected[column])
+    return sum(sum(m) for column in MASK_COLUMNS for m in selected[column]) / max(total, 1)
 
 
 class StageRunner:
@@ -367,7 +372,7 @@ def _prepare_data(cfg: PipelineConfig, run_dir: Path, step: StageRunner) -> None
     """data/train, data/eval (and data/score): read and tokenized once; the held-out split is never trained on."""
 
     def prepare():
-        from sepo.data import load_pairs
+        from sepo.data import load_pairs, subset, train_eval_split
         from sepo.models import load_tokenizer, tokenizer_fingerprint
 
         tok = load_tokenizer(base_reference(cfg, run_dir))
@@ -375,10 +380,9 @@ def _prepare_data(cfg: PipelineConfig, run_dir: Path, step: StageRunner) -> None
         if cfg.eval_data:
             held_out = load_pairs(cfg.eval_data, tok, cfg.data_options)[0]
         else:
-            split = train.train_test_split(test_size=min(cfg.eval_size, len(train) // 2), seed=cfg.seed)
-            train, held_out = split["train"], split["test"]
+            train, held_out = train_eval_split(train, min(cfg.eval_size, len(train) // 2), cfg.seed)
         if cfg.max_pairs is not None and cfg.max_pairs < len(train):
-            train = train.shuffle(seed=cfg.seed).select(range(cfg.max_pairs))
+            train = subset(train, cfg.max_pairs, cfg.seed)
         meta = {"stage": "pipeline-data", "sepo_version": __version__, "source": cfg.data, "tokenizer": cfg.reference,
                 "tokenizer_fingerprint": tokenizer_fingerprint(tok)}
         save_dataset(train, run_dir / "data" / "train", {**meta, "num_rows": len(train)}, overwrite=True)
@@ -416,7 +420,7 @@ def _score_and_select(cfg: PipelineConfig, run_dir: Path, step: StageRunner, con
          lambda: select_mod.run(_resumable(configs["select"], run_dir / "selected")), after=("score",))
     if any(m["selection"] == "random" for m in method_specs(cfg).values()):
         def randomise():
-            selected, meta = load_dataset_dir(run_dir / "selected", ("chosen_mask", "rejected_mask"))
+            selected, meta = load_dataset_dir(run_dir / "selected", MASK_COLUMNS)
             save_dataset(random_masks_like(selected, cfg.seed), run_dir / "selected-random",
                          {**meta, "stage": "select-random", "seed": cfg.seed}, overwrite=True)
 

@@ -6,13 +6,14 @@
 
 Output: the input pairs plus ``chosen_rewards`` / ``rejected_rewards`` (float32 lists, entry i = reward of
 response token i, first token and EOS included) and ``sepo_metadata.json``. Work is written in shards of
-``shard_size`` rows, each atomically, under ``<output>.partial/``; rerunning the same command after a kill
-skips the finished shards. See docs/score.md.
+``shard_size`` rows, each atomically, under ``<output>.partial/`` (``sepo.stages.shards``, shared with `sepo
+train`'s reference cache); rerunning the same command after a kill skips the finished shards. See docs/score.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -26,23 +27,15 @@ from sepo.config import option, to_dict, validate_choices
 from sepo.core.logprobs import default_chunk_size
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
+from sepo.data.columns import INDEX, REWARD_COLUMNS, TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.data.load import check_context_length, recorded_name
 from sepo.data.options import DataOptions
-from sepo.data.tokenize import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
+from sepo.data.rows import list_lengths, pair_lengths, rows_of, unpad_rows
 from sepo.errors import ConfigError, SepoError
-from sepo.io import (
-    METADATA_FILE,
-    arrow_table,
-    atomic_write_json,
-    dataset_fingerprint,
-    fingerprint,
-    load_dataset_dir,
-    read_metadata,
-    save_dataset,
-)
+from sepo.io import atomic_write_json, dataset_fingerprint, fingerprint, save_dataset
+from sepo.stages import shards
 
 log = logging.getLogger(__name__)
-REWARD_COLUMNS = ("chosen_rewards", "rejected_rewards")
 
 
 @dataclass
@@ -76,7 +69,7 @@ class ScoreConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- scoring
 
 
 def score_batch(oracle, reference, batch, beta: float, chunk_size: int) -> torch.Tensor:
@@ -95,18 +88,14 @@ def score_batch(oracle, reference, batch, beta: float, chunk_size: int) -> torch
 
 def score_rows(rows, oracle, reference, pad_token_id: int, device, *, beta: float, batch_size: int,
                chunk_size: int, progress=None) -> dict:
-    """Score a Dataset slice; returns its reward columns in row order (float32 lists) and running sums."""
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(rows["prompt_input_ids"], rows["chosen_input_ids"], rows["rejected_input_ids"])]
-    out = {"chosen_rewards": [None] * len(rows), "rejected_rewards": [None] * len(rows)}
+    """Score a Dataset slice; returns its reward columns in row order (float32 arrays) and running sums."""
+    out = {c: [None] * len(rows) for c in REWARD_COLUMNS}
     stats = {"pairs": len(rows), "chosen_tokens": 0, "rejected_tokens": 0, "chosen_sum": 0.0, "rejected_sum": 0.0,
              "oracle_prefers_chosen": 0}
-    columns = [*TOKEN_COLUMNS, "index"] if "index" in rows.column_names else list(TOKEN_COLUMNS)
+    columns = [*TOKEN_COLUMNS, INDEX] if INDEX in rows.column_names else list(TOKEN_COLUMNS)
     # length-bucketed, not shuffled: sorted by length inside buckets, so little padding and a fixed order
-    for positions in length_bucketed_batches(lengths, batch_size, shuffle=False):
-        picked = rows.select_columns(columns)[positions]
-        batch_rows = [dict(zip(picked, values)) for values in zip(*picked.values())]
-        batch = collate_pairs(batch_rows, pad_token_id).to(device)
+    for positions in length_bucketed_batches(pair_lengths(rows), batch_size, shuffle=False):
+        batch = collate_pairs(rows_of(rows, positions, columns), pad_token_id).to(device)
         rewards = score_batch(oracle, reference, batch, beta, chunk_size)  # (2B, R)
         bad = non_finite_rows(rewards, batch.response_mask)
         if bad.numel():
@@ -115,149 +104,125 @@ def score_rows(rows, oracle, reference, pad_token_id: int, device, *, beta: floa
             raise SepoError(f"non-finite reward (NaN or inf) in the {side} response of dataset row index="
                             f"{int(batch.index[pair])}: the oracle or reference gives non-finite log-probs there. "
                             "Check the model weights, or score in float32 (--dtype float32).")
-        rewards, mask = rewards.float().cpu(), batch.response_mask.cpu()
-        lengths_r = mask.sum(dim=1).tolist()
-        for n in range(2 * batch.num_pairs):
+        values = unpad_rows(rewards, batch.response_mask)  # 2B float32 arrays
+        for n, row_values in enumerate(values):
             side = "chosen" if n < batch.num_pairs else "rejected"
-            values = rewards[n, : lengths_r[n]]
-            out[f"{side}_rewards"][positions[n % batch.num_pairs]] = values.numpy()
-            stats[f"{side}_tokens"] += lengths_r[n]
-            stats[f"{side}_sum"] += float(values.double().sum())
-        margins = (rewards[: batch.num_pairs].double().sum(1) - rewards[batch.num_pairs :].double().sum(1))
-        stats["oracle_prefers_chosen"] += int((margins > 0).sum())
+            out[f"{side}_rewards"][positions[n % batch.num_pairs]] = row_values
+            stats[f"{side}_tokens"] += len(row_values)
+            stats[f"{side}_sum"] += float(row_values.astype("float64").sum())
+        sums = [v.astype("float64").sum() for v in values]
+        stats["oracle_prefers_chosen"] += sum(int(c > r) for c, r in zip(sums[: batch.num_pairs],
+                                                                           sums[batch.num_pairs :]))
         if progress is not None:
-            progress.update(int(mask.sum()))
+            progress.update(int(batch.response_mask.sum()))
     return {"columns": out, "stats": stats}
 
 
-def _response_tokens_per_row(ds):
-    """Chosen + rejected response tokens of every row, read from Arrow without building Python lists."""
-    import pyarrow.compute as pc
-
-    table = arrow_table(ds)
-    return sum(pc.list_value_length(table.column(c)).to_numpy(zero_copy_only=False) for c in TOKEN_COLUMNS[1:])
-
-
-def _save_shard(folder: Path, start: int, result: dict) -> None:
-    import datasets
-
-    features = datasets.Features({"row": datasets.Value("int64"),
-                                  **{c: datasets.List(datasets.Value("float32")) for c in REWARD_COLUMNS}})
-    rows = list(range(start, start + len(result["columns"]["chosen_rewards"])))
-    shard = datasets.Dataset.from_dict({"row": rows, **result["columns"]}, features=features)
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # one "Saving the dataset" bar per shard would bury the scoring bar
-    try:
-        save_dataset(shard, folder, {"stage": "score-shard", "first_row": start, "stats": result["stats"]})
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+def _summary(stats: dict, num_rows: int) -> dict:
+    """The merged run's statistics from the shards' summed ones."""
+    return {
+        "num_pairs": num_rows,
+        "chosen_tokens": stats.get("chosen_tokens", 0), "rejected_tokens": stats.get("rejected_tokens", 0),
+        "mean_chosen_token_reward": stats.get("chosen_sum", 0.0) / max(stats.get("chosen_tokens", 0), 1),
+        "mean_rejected_token_reward": stats.get("rejected_sum", 0.0) / max(stats.get("rejected_tokens", 0), 1),
+        "oracle_prefers_chosen": stats.get("oracle_prefers_chosen", 0) / max(num_rows, 1),
+    }
 
 
-# ---------------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------------- phases
 
 
-def run(cfg: ScoreConfig):
-    import datasets
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def _load_tokenizer(cfg: ScoreConfig):
+    """The tokenizer the data is tokenized with; the oracle and the reference must agree on what every id means."""
+    from sepo.models import check_same_vocabulary, load_tokenizer
 
-    from sepo.models import (
-        check_same_vocabulary,
-        context_limit,
-        load_causal_lm,
-        load_tokenizer,
-        tokenizer_fingerprint,
-    )
-
-    if not (cfg.oracle and cfg.reference and cfg.data):
-        raise ConfigError("sepo score needs --oracle, --reference and --data")
-    out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
-    started = time.time()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-
-    # ---- 1. tokenizers: the oracle and the reference must agree on what every id means ----
     oracle_tokenizer = load_tokenizer(cfg.oracle)
     check_same_vocabulary(oracle_tokenizer, load_tokenizer(cfg.reference), "oracle", "reference")
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else oracle_tokenizer
     check_same_vocabulary(tokenizer, oracle_tokenizer, "tokenizer", "oracle")
+    return tokenizer
 
-    # ---- 2. data ----
+
+def _load_pairs(cfg: ScoreConfig, tokenizer, accelerator):
+    """-> (pairs, data metadata): a sepo folder as it is, anything else read and tokenized now (by the main
+    process first, so the others read its cache)."""
+    from sepo.data import load_pairs
+
     with accelerator.main_process_first():
-        from sepo.data import load_pairs  # a sepo folder as it is, anything else read and tokenized now
-
         pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)  # refuses another tokenizer's ids
     # a scored or selected folder scored again: its old rewards and the masks chosen from them go
-    pairs = pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names])
+    return pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names]), data_metadata
 
-    # ---- 3. models (before the work folder: a refused input leaves nothing behind) ----
+
+def _load_models(cfg: ScoreConfig, accelerator, pairs):
+    """The oracle and the reference, frozen on the device; pairs longer than either takes are refused (before the
+    work folder exists: a refused input leaves nothing behind)."""
+    from sepo.models import context_limit, load_causal_lm
+
     oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     for role, name, model in (("oracle", cfg.oracle, oracle), ("reference", cfg.reference, reference)):
         check_context_length(pairs, context_limit(model.config), role, name)
+    return oracle, reference
 
-    # ---- 4. the work folder: one config, one partial run; finished shards are kept ----
+
+def _prepare_work_folder(cfg: ScoreConfig, accelerator, pairs) -> Path:
+    """``<output>.partial``: one config, one partial run; its finished shards are kept for a rerun."""
+    out = Path(cfg.output)
     work = out.parent / f"{out.name}.partial"
     run_key = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "output")},
                           dataset_fingerprint(pairs, TOKEN_COLUMNS))
     if accelerator.is_main_process:
-        if (work / "run.json").is_file():
-            previous = read_metadata_json(work / "run.json")
-            if previous.get("run_key") != run_key:
-                if not cfg.overwrite:
-                    raise SepoError(f"{work} holds a partial run of a different config or data (key {previous.get('run_key')}"
-                                    f", this run {run_key}); rerun with the same settings to resume, or pass "
-                                    "--overwrite to discard it")
-                shutil.rmtree(work)
+        previous = _read_json(work / "run.json")
+        if previous and previous.get("run_key") != run_key:
+            if not cfg.overwrite:
+                raise SepoError(f"{work} holds a partial run of a different config or data (key {previous.get('run_key')}"
+                                f", this run {run_key}); rerun with the same settings to resume, or pass "
+                                "--overwrite to discard it")
+            shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
+        shards.remove_partial_pieces(work)
         atomic_write_json(work / "run.json", {"run_key": run_key, "config": to_dict(cfg)})
     accelerator.wait_for_everyone()
-    num_shards = -(-len(pairs) // cfg.shard_size)
-    shard_dirs = [work / f"shard-{s:05d}" for s in range(num_shards)]
-    mine = [s for s in range(num_shards) if s % accelerator.num_processes == accelerator.process_index]
-    todo = [s for s in mine if not (shard_dirs[s] / METADATA_FILE).is_file()]
-    if len(todo) < len(mine):
-        log.info("resuming: %d of %d shards of this process already scored in %s", len(mine) - len(todo), len(mine), work)
+    return work
 
-    # ---- 5. score the shards of this process, each written atomically ----
+
+def _score_missing_rows(cfg: ScoreConfig, accelerator, work: Path, pairs, oracle, reference, pad_token_id: int):
+    """Score the rows no finished shard holds; this process takes every num_processes-th shard."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    todo, mine = shards.plan(work, range(len(pairs)), cfg.shard_size, accelerator)
+    if len(todo) < len(pairs):
+        log.info("resuming: %d of %d rows already scored in %s", len(pairs) - len(todo), len(pairs), work)
+    tokens = sum(list_lengths(pairs, c) for c in TOKEN_COLUMNS[1:])  # (rows,) response tokens, for the progress bar
     chunk_size = cfg.chunk_size or default_chunk_size(accelerator.device)
-    spans = [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(pairs))) for s in range(num_shards)]
-    tokens = _response_tokens_per_row(pairs)  # (rows,)
-    total = int(sum(tokens[a:b].sum() for a, b in (spans[s] for s in todo)))
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="score (response tokens)",
-              disable=not accelerator.is_local_main_process) as progress, torch.inference_mode():
-        for s in todo:
-            rows = pairs.select(range(*spans[s]))
-            result = score_rows(rows, oracle, reference, tokenizer.pad_token_id, accelerator.device, beta=cfg.beta,
-                                batch_size=cfg.batch_size, chunk_size=chunk_size, progress=progress)
-            _save_shard(shard_dirs[s], spans[s][0], result)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
 
-    # ---- 6. merge: input columns + reward columns, checked row by row, written atomically ----
-    missing = [d.name for d in shard_dirs if not (d / METADATA_FILE).is_file()]
-    if missing:
-        raise SepoError(f"shards {', '.join(missing)} of {work} are missing after scoring; rerun the same command")
-    shards = [load_dataset_dir(d)[0] for d in shard_dirs]
-    scored = datasets.concatenate_datasets(shards) if shards else datasets.Dataset.from_dict(
-        {"row": [], "chosen_rewards": [], "rejected_rewards": []})
-    if scored["row"] != list(range(len(pairs))):
-        raise SepoError(f"the shards in {work} do not cover the data row by row; delete {work} and rerun")
-    merged = datasets.concatenate_datasets([pairs, scored.remove_columns("row")], axis=1)
-    totals: dict = {}
-    for d in shard_dirs:
-        for k, v in read_metadata(d)["stats"].items():
-            totals[k] = totals.get(k, 0) + v
-    stats = {
-        "num_pairs": len(merged),
-        "chosen_tokens": totals.get("chosen_tokens", 0), "rejected_tokens": totals.get("rejected_tokens", 0),
-        "mean_chosen_token_reward": totals.get("chosen_sum", 0.0) / max(totals.get("chosen_tokens", 0), 1),
-        "mean_rejected_token_reward": totals.get("rejected_sum", 0.0) / max(totals.get("rejected_tokens", 0), 1),
-        "oracle_prefers_chosen": totals.get("oracle_prefers_chosen", 0) / max(len(merged), 1),
-    }
+    def compute(rows: list[int]):
+        result = score_rows(pairs.select(rows), oracle, reference, pad_token_id, accelerator.device, beta=cfg.beta,
+                            batch_size=cfg.batch_size, chunk_size=chunk_size, progress=progress)
+        return result["columns"], result["stats"]
+
+    features = {c: datasets.List(datasets.Value("float32")) for c in REWARD_COLUMNS}
+    with tqdm(total=int(sum(tokens[rows].sum() for rows in mine)), unit="tok", unit_scale=True,
+              desc="score (response tokens)", disable=not accelerator.is_local_main_process) as progress, \
+            torch.inference_mode():
+        shards.compute_pieces(work, mine, compute, features, accelerator)
+
+
+def _merge_and_save(cfg: ScoreConfig, accelerator, work: Path, pairs, tokenizer, data_metadata: dict,
+                    started: float) -> dict:
+    """Input columns + reward columns, every row checked to be scored, written atomically; the work folder goes."""
+    import datasets
+
+    from sepo.models import tokenizer_fingerprint
+
+    gathered = shards.gather_pieces(work, len(pairs))
+    if not gathered.complete:
+        raise SepoError(f"{work} lacks the rewards of {int((gathered.position < 0).sum())} rows after scoring; "
+                        "rerun the same command")
+    merged = datasets.concatenate_datasets([pairs, gathered.in_row_order()], axis=1)
+    stats = _summary(gathered.stats, len(merged))
     metadata = {
         "stage": "score", "sepo_version": __version__, "source": cfg.data, "oracle": cfg.oracle,
         "reference": cfg.reference, "tokenizer": recorded_name(cfg.tokenizer or cfg.oracle),
@@ -265,17 +230,37 @@ def run(cfg: ScoreConfig):
         "stats": stats, "num_processes": accelerator.num_processes, "seconds": round(time.time() - started, 2),
         "config": to_dict(cfg), "data_metadata": data_metadata,
     }
-    save_dataset(merged, out, metadata, overwrite=cfg.overwrite)
+    save_dataset(merged, cfg.output, metadata, overwrite=cfg.overwrite)
     shutil.rmtree(work, ignore_errors=True)
     log.info("scored %d pairs (%d response tokens; oracle prefers the chosen response in %.1f%%) -> %s", len(merged),
-             stats["chosen_tokens"] + stats["rejected_tokens"], 100 * stats["oracle_prefers_chosen"], out)
+             stats["chosen_tokens"] + stats["rejected_tokens"], 100 * stats["oracle_prefers_chosen"], cfg.output)
     return metadata
 
 
-def read_metadata_json(path: Path) -> dict:
-    import json
-
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(cfg: ScoreConfig):
+    from sepo.stages.launch import make_accelerator
+
+    if not (cfg.oracle and cfg.reference and cfg.data):
+        raise ConfigError("sepo score needs --oracle, --reference and --data")
+    if Path(cfg.output).exists() and not cfg.overwrite:
+        raise SepoError(f"{cfg.output} already exists; choose another --output or pass --overwrite")
+    started = time.time()
+    accelerator = make_accelerator()
+    tokenizer = _load_tokenizer(cfg)
+    pairs, data_metadata = _load_pairs(cfg, tokenizer, accelerator)
+    oracle, reference = _load_models(cfg, accelerator, pairs)
+    work = _prepare_work_folder(cfg, accelerator, pairs)
+    _score_missing_rows(cfg, accelerator, work, pairs, oracle, reference, tokenizer.pad_token_id)
+    if not accelerator.is_main_process:
+        return None
+    return _merge_and_save(cfg, accelerator, work, pairs, tokenizer, data_metadata, started)

@@ -24,6 +24,7 @@ from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, WEIGHTINGS, magnitude_quantile, select, soft_weights
+from sepo.data.columns import REWARD_COLUMNS, SELECTION_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, DataError, SepoError
 from sepo.io import arrow_table, flat_column, load_dataset_dir, save_dataset
 
@@ -34,8 +35,7 @@ PROJECTION_ROWS = 1024
 # tokens decoded before a token to find the text it adds: enough context for SentencePiece's leading space and
 # for a multi-byte character split over several byte tokens
 PIECE_CONTEXT = 4
-SCORED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "chosen_rewards", "rejected_rewards")
-SELECTION_COLUMNS = ("chosen_mask", "rejected_mask", "chosen_weights", "rejected_weights")  # what select adds
+SCORED_COLUMNS = (*TOKEN_COLUMNS, *REWARD_COLUMNS)
 
 
 @dataclass

@@ -392,7 +392,8 @@ def _method_specs(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
 def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) -> Plan:
     """Every variant and point, each config built and validated (nothing runs). ``num_eval_prompts`` is known
     once the held-out split exists; before, a placeholder stands in."""
-    from sepo.stages.pipeline import REFERENCE_FREE, _build, stage_configs
+    from sepo.core.losses import is_reference_free
+    from sepo.stages.pipeline import _build, stage_configs
     from sepo.stages.train import TrainConfig
 
     specs = _method_specs(cfg)
@@ -448,7 +449,7 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) ->
                         "model": policy, "data": data, "loss": m["loss"], "output": str(folder / "policy"),
                         "seed": seed}, ("train", shared), (f"methods.{name}", {**own_fixed, **values}),
                         where=f"methods.{name}")
-                    metric = "logprob" if m["loss"] in REFERENCE_FREE else "implicit"
+                    metric = "logprob" if is_reference_free(m["loss"]) else "implicit"
                     eval_cfg = eval_config(str(folder / "policy"), folder, seed, metric, curve)
                     key = fingerprint(data_key, variant.settings if variant else None, to_dict(train_cfg),
                                       to_dict(eval_cfg), __version__)

@@ -54,10 +54,10 @@ def point_done(point) -> bool:
 
 def _cache_group(point) -> tuple | None:
     """Points whose training reads the same cached reference log-probs (computed by the first of them)."""
-    from sepo.core.losses import NEEDS_REFERENCE, NEEDS_REFERENCE_MODEL
+    from sepo.core.losses import needs_reference, needs_reference_model
 
     t = point.train
-    if t is None or t.loss not in NEEDS_REFERENCE or t.loss in NEEDS_REFERENCE_MODEL:
+    if t is None or not needs_reference(t.loss) or needs_reference_model(t.loss):
         return None
     return (t.data, t.reference or t.model, t.dtype)
 
