@@ -38,9 +38,9 @@ LEARNING_RATES = {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sep
 # eval generates for all held-out prompts in one batch: for a 260K-parameter model each decoding step costs
 # about the same at batch 32 or 512, so fewer, larger batches are several times faster
 EVAL_BATCH = 512
-FULL = {"num_prompts": 1800, "eval_prompts": 340, "max_new_tokens": 40, "num_epochs": 1, "seeds": [0, 1],
+FULL = {"output": "runs/demo", "num_prompts": 1800, "eval_prompts": 340, "max_new_tokens": 40, "num_epochs": 1, "seeds": [0, 1],
         "learning_rates": LEARNING_RATES}
-QUICK = {"num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1, "seeds": [0, 1],
+QUICK = {"output": "runs/demo-quick", "num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1, "seeds": [0, 1],
          "learning_rates": {m: [lrs[0], lrs[-1]] for m, lrs in LEARNING_RATES.items()}}
 
 
@@ -48,7 +48,8 @@ QUICK = {"num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epo
 class DemoConfig:
     """SePO against DPO, SimPO and a random selection at matched KL, on a task with known answers."""
 
-    output: str = option("runs/demo", "run folder (rerunning resumes: finished stages and points are kept)")
+    output: str | None = option(None, "run folder (none: runs/demo, quick runs/demo-quick); rerunning resumes: "
+                                "finished stages and points are kept")
     quick: bool = option(False, "the small version the test suite runs: fewer prompts, shorter samples, two "
                          "learning rates per method instead of three; any size key set explicitly wins")
     task: str = option("sentiment", "the known-answer task (sepo.tasks)", choices=TASK_NAMES)
