@@ -34,7 +34,7 @@ METHODS = ("dpo", "simpo", "sepo", "sepo_random", "sepo_weak")
 # per method, three learning rates chosen so that the methods' KL ranges overlap the budgets 1, 3, 10 nats
 # (docs/demo.md, "Choosing the strengths")
 LEARNING_RATES = {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sepo": [5e-6, 1.2e-5, 3e-5],
-                  "sepo_random": [4e-5, 9e-5, 2e-4], "sepo_weak": [1e-5, 2.5e-5, 6e-5]}
+                  "sepo_random": [4e-5, 9e-5, 2e-4], "sepo_weak": [1e-5, 3e-5, 8e-5]}
 # eval generates for all held-out prompts in one batch: for a 260K-parameter model each decoding step costs
 # about the same at batch 32 or 512, so fewer, larger batches are several times faster
 EVAL_BATCH = 512
