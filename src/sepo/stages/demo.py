@@ -38,10 +38,10 @@ LEARNING_RATES = {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sep
 # eval generates for all held-out prompts in one batch: for a 260K-parameter model each decoding step costs
 # about the same at batch 32 or 512, so fewer, larger batches are several times faster
 EVAL_BATCH = 512
-FULL = {"output": "runs/demo", "num_prompts": 1800, "eval_prompts": 340, "max_new_tokens": 40, "num_epochs": 1, "seeds": [0, 1],
-        "learning_rates": LEARNING_RATES}
-QUICK = {"output": "runs/demo-quick", "num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1, "seeds": [0, 1],
-         "learning_rates": {m: [lrs[0], lrs[-1]] for m, lrs in LEARNING_RATES.items()}}
+FULL = {"output": "runs/demo", "num_prompts": 1800, "eval_prompts": 340, "max_new_tokens": 40, "num_epochs": 1,
+        "seeds": [0, 1], "learning_rates": LEARNING_RATES}
+QUICK = {"output": "runs/demo-quick", "num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1,
+         "seeds": [0, 1], "learning_rates": {m: [lrs[0], lrs[-1]] for m, lrs in LEARNING_RATES.items()}}
 
 
 @dataclass
