@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("sepo.stages.train", "TrainConfig", "run", "one accelerate loop: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo"),
     "eval": ("sepo.stages.evaluate", "EvalConfig", "run", "preference accuracy, generation, reward, win rate and KL against a reference"),
     "pipeline": ("sepo.stages.pipeline", "PipelineConfig", "run", "sft -> oracle -> score -> select -> train -> eval from one YAML, resumable"),
+    "sweep": ("sepo.stages.sweep", "SweepConfig", "run", "reward-KL frontiers of methods x strengths x seeds, compared at matched KL with CIs"),
     "demo": ("sepo.stages.demo", "DemoConfig", "run", "SePO end to end on the embedded task with known key tokens"),
 }
 

@@ -11,13 +11,16 @@ Everything here takes models and token ids and returns plain numbers or lists, s
   ``mean_i [1(r_i^pi > r_i^ref) + 1/2 * 1(r_i^pi = r_i^ref)]``.
 * KL(pi || pi_ref) on the policy's own samples y ~ pi(.|x): ``mean_samples sum_t [log pi(y_t|x,y<t) -
   log pi_ref(y_t|x,y<t)]`` -- an unbiased Monte-Carlo estimate when sampling at temperature 1 without top-k /
-  top-p; a model against itself gives exactly 0.
+  top-p; a model against itself gives exactly 0. Kept per sample (``kl_per_sample``) for resampling.
+* Degeneration of generated text (``degeneration``): distinct-2, repeated trigrams, words outside the
+  training texts' vocabulary, U+FFFD replacement characters.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -189,16 +192,81 @@ def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]
     return ties_half(margin)
 
 
-def kl_on_samples(policy, reference, prompt_ids: Sequence[Sequence[int]], sample_ids: Sequence[Sequence[int]],
-                  pad_token_id: int, batch_size: int = 32) -> float:
-    """Monte-Carlo KL(pi || pi_ref): mean over samples y ~ pi of sum_t [log pi(y_t) - log pi_ref(y_t)]."""
+def kl_per_sample(policy, reference, prompt_ids: Sequence[Sequence[int]], sample_ids: Sequence[Sequence[int]],
+                  pad_token_id: int, batch_size: int = 32) -> list[float | None]:
+    """Per sample y ~ pi: sum_t [log pi(y_t) - log pi_ref(y_t)] (None for an empty sample), the terms whose mean
+    is the Monte-Carlo KL(pi || pi_ref); kept per sample so a bootstrap can resample prompts."""
     keep = [i for i, y in enumerate(sample_ids) if len(y)]
+    out: list[float | None] = [None] * len(sample_ids)
     if not keep:
-        return 0.0
+        return out
     prompts, samples = [prompt_ids[i] for i in keep], [sample_ids[i] for i in keep]
     lp, _ = sequence_log_probs(policy, prompts, samples, pad_token_id, batch_size)
     lr, _ = sequence_log_probs(reference, prompts, samples, pad_token_id, batch_size)
-    return float((lp - lr).mean())
+    for i, value in zip(keep, (lp - lr).tolist()):
+        out[i] = value
+    return out
+
+
+def kl_on_samples(policy, reference, prompt_ids: Sequence[Sequence[int]], sample_ids: Sequence[Sequence[int]],
+                  pad_token_id: int, batch_size: int = 32) -> float:
+    """Monte-Carlo KL(pi || pi_ref): mean over samples y ~ pi of sum_t [log pi(y_t) - log pi_ref(y_t)]."""
+    return mean_of(kl_per_sample(policy, reference, prompt_ids, sample_ids, pad_token_id, batch_size))
+
+
+def mean_of(values: Sequence[float | None]) -> float:
+    """Mean of the entries that are not None (0.0 when there are none)."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+# --------------------------------------------------------------------------- degeneration of generated text
+
+_WORD = re.compile(r"\w+")
+REPLACEMENT_CHARACTER = "\ufffd"  # what decoding yields for bytes that do not form a character
+
+
+def text_words(text: str) -> list[str]:
+    """Lower-cased words (runs of letters, digits and underscores)."""
+    return _WORD.findall(text.lower())
+
+
+def word_vocabulary(texts: Iterable[str]) -> set[str]:
+    """Every word of ``texts``: the vocabulary against which generated words count as unknown."""
+    vocabulary: set[str] = set()
+    for text in texts:
+        vocabulary.update(text_words(text))
+    return vocabulary
+
+
+def degeneration(texts: Sequence[str], vocabulary: set[str] | None = None) -> dict[str, float | None]:
+    """Indicators that generated text is degenerating, whatever the task:
+
+    * ``distinct_2`` -- distinct word bigrams / all word bigrams, pooled over the texts (Li et al. 2016,
+      "A Diversity-Promoting Objective for Neural Conversation Models"); low: the samples repeat themselves;
+    * ``repeated_ngrams`` -- per text, the share of its word trigrams that repeat an earlier one
+      (1 - distinct / all), averaged over texts with at least two trigrams (others count 0);
+    * ``unknown_words`` -- share of words, pooled, that are not in ``vocabulary`` (the words of the training
+      texts): made-up words ("loRach") a policy invents when pushed off its distribution; None without a
+      vocabulary;
+    * ``replacement_chars`` -- share of characters that are U+FFFD (token sequences that decode to no
+      character, e.g. split multi-byte characters)."""
+    bigrams: list[tuple[str, str]] = []
+    repeated, unknown, num_words, replacement, num_chars = [], 0, 0, 0, 0
+    for text in texts:
+        words = text_words(text)
+        bigrams += list(zip(words, words[1:]))
+        trigrams = list(zip(words, words[1:], words[2:]))
+        repeated.append(1.0 - len(set(trigrams)) / len(trigrams) if len(trigrams) >= 2 else 0.0)
+        num_words += len(words)
+        if vocabulary is not None:
+            unknown += sum(1 for w in words if w not in vocabulary)
+        replacement += text.count(REPLACEMENT_CHARACTER)
+        num_chars += len(text)
+    return {"distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+            "repeated_ngrams": sum(repeated) / len(repeated) if repeated else 0.0,
+            "unknown_words": (unknown / num_words if num_words else 0.0) if vocabulary is not None else None,
+            "replacement_chars": replacement / num_chars if num_chars else 0.0}
 
 
 def alpacaeval_records(prompts: Sequence[str], outputs: Sequence[str], generator: str) -> list[dict]:

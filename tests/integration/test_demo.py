@@ -1,4 +1,5 @@
-"""`sepo demo --quick` end to end: the results schema, sanity of the numbers, plots, and a resumed rerun."""
+"""`sepo demo --quick` end to end: the matched-KL summary and its rows, sanity of the numbers, plots, and a
+resumed rerun that recomputes nothing."""
 
 from __future__ import annotations
 
@@ -9,54 +10,62 @@ import pytest
 
 from sepo.cli import main
 
-METHODS = {"reference", "dpo", "simpo", "sepo", "sepo_random", "sepo_weak"}
-FIELDS = ("gold_reward", "win_rate", "kl", "pref_accuracy", "token_fraction")
+METHODS = {"dpo", "simpo", "sepo", "sepo_random", "sepo_weak"}
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
-    return out, json.loads((out / "results.json").read_text())
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    return out, json.loads((out / "results.json").read_text()), rows
 
 
 @pytest.mark.slow
 def test_quick_demo_results_schema(demo):
-    out, results = demo
-    assert set(results["methods"]) == METHODS
-    for name, m in results["methods"].items():
-        for f in FIELDS:
-            assert isinstance(m[f], float) and math.isfinite(m[f]), (name, f)
-        assert 0.0 <= m["win_rate"] <= 1.0 and 0.0 <= m["pref_accuracy"] <= 1.0 and 0.0 <= m["token_fraction"] <= 1.0
-    sel = results["selection"]
-    for f in ("precision", "recall", "random_precision", "random_recall", "weak_precision", "weak_recall"):
-        assert 0.0 <= sel[f] <= 1.0, f
-    for png in ("reward_vs_kl.png", "concentration.png", "token_rewards.png"):
+    out, results, rows = demo
+    frontier = results["summary"]["frontier"]
+    assert set(frontier["methods"]) == METHODS
+    assert [v["budget"] for v in frontier["verdicts"]] == [1.0, 3.0, 10.0]
+    assert all(v["text"] and (v["best"] in METHODS) for v in frontier["verdicts"])
+    for method in frontier["methods"].values():
+        for at in method["at_budget"].values():
+            assert math.isfinite(at["value"]) and at["low"] <= at["value"] <= at["high"]
+    # quick: two learning rates x two seeds per method, plus the reference
+    assert results["strengths"] == {m: 2 for m in METHODS} and results["seeds"] == [0, 1]
+    assert len(rows) == 1 + len(METHODS) * 2 * 2 and all(r["status"] == "ok" for r in rows)
+    for png in ("frontier.png", "concentration.png", "token_rewards.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert all(f"| {m} |" in table for m in METHODS) and "precision" in table
-    # the header names the k asked for and the share actually selected (per-response flooring lowers it)
-    assert f"k = 30%; {sel['selected_fraction']:.1%} of tokens after flooring" in table
+    assert "Fewer points than the full demo" in table  # the quick demo says what it leaves out
+    assert "| KL ≤ 1 |" in table and all(f"| {m} |" in table for m in METHODS)
+    # the polarity-aware selection quality of both oracles and of the random control
+    selection = results["summary"]["selection"]
+    assert set(selection) == {"oracle", "weak"} and set(selection["oracle"]) == {"oracle", "random"}
+    assert "## Selection quality" in table and "first token of each key word" in table
 
 
 @pytest.mark.slow
 def test_quick_demo_numbers_are_sane(demo):
-    _, results = demo
-    m = results["methods"]
+    _, results, rows = demo
+    ref = rows[0]
     # the untrained model against itself: identical samples, no KL, trained on nothing
-    assert (m["reference"]["win_rate"], m["reference"]["kl"], m["reference"]["token_fraction"]) == (0.5, 0.0, 0.0)
+    assert (ref["method"], ref["win_rate"], ref["kl"], ref["token_fraction"]) == ("reference", 0.5, 0.0, 0.0)
+    fraction = {r["method"]: r["token_fraction"] for r in rows}
     # SePO and its control train on the same number of tokens, about k = 30% of them; DPO/SimPO on all
-    assert m["sepo"]["token_fraction"] == pytest.approx(m["sepo_random"]["token_fraction"])
-    assert 0.2 < m["sepo"]["token_fraction"] <= 0.3
-    assert m["dpo"]["token_fraction"] == m["simpo"]["token_fraction"] == 1.0
+    assert fraction["sepo"] == pytest.approx(fraction["sepo_random"])
+    assert 0.2 < fraction["sepo"] <= 0.3 and 0.2 < fraction["sepo_weak"] <= 0.3
+    assert fraction["dpo"] == fraction["simpo"] == 1.0
     # every trained policy moved away from the reference
-    assert all(m[k]["kl"] != 0.0 for k in ("dpo", "simpo", "sepo", "sepo_random", "sepo_weak"))
+    assert all(r["kl"] != 0.0 for r in rows[1:])
     assert results["weak_to_strong"]["weak_oracle_parameters"] < results["weak_to_strong"]["policy_parameters"]
 
 
 @pytest.mark.slow
-def test_rerunning_the_demo_resumes_without_redoing_stages(demo, capsys):
-    out, results = demo
+def test_rerunning_the_demo_resumes_without_recomputing(demo):
+    out, results, _ = demo
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("points/**/result.json")}
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["methods"] == results["methods"] and again["seconds"] < results["seconds"]
+    assert again["summary"]["frontier"] == results["summary"]["frontier"] and again["seconds"] < results["seconds"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("points/**/result.json")} == stamps

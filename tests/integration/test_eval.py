@@ -31,7 +31,12 @@ def test_eval_writes_metrics_generations_and_alpacaeval(tmp_path, pairs_dir, tin
     assert all(isinstance(r["instruction"], str) and isinstance(r["output"], str) for r in alpaca)
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [g["output"] for g in gens] == [r["output"] for r in alpaca]
-    assert {"reward", "reference_output", "reference_reward"} <= set(gens[0])
+    assert {"reward", "reference_output", "reference_reward", "kl"} <= set(gens[0])
+    # per-prompt values whose means are the metrics (the sweep's bootstrap resamples them)
+    assert metrics["reward"] == pytest.approx(sum(g["reward"] for g in gens) / 4)
+    assert metrics["kl"] == pytest.approx(sum(g["kl"] for g in gens) / 4)
+    assert 0 < metrics["distinct_2"] <= 1 and 0 <= metrics["repeated_ngrams"] < 1
+    assert 0 <= metrics["unknown_words"] < 1 and metrics["replacement_chars"] == 0.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written left behind
 
 

@@ -92,12 +92,12 @@ def test_pipeline_runs_every_stage_and_resumes_after_a_crash(tmp_path, task_pair
 
 def test_a_changed_stage_reruns_everything_downstream_of_it(tmp_path):
     """The stage runner alone (no models): oracle -> score -> select, and an unrelated method."""
-    from sepo.stages.pipeline import _Runner
+    from sepo.stages.pipeline import StageRunner
 
     calls = []
 
     def run_all(oracle_lr: float, method_lr: float) -> list[str]:
-        step = _Runner(tmp_path, rerun=[])
+        step = StageRunner(tmp_path, rerun=[])
         for key, settings, after in (("oracle", {"lr": oracle_lr}, ()), ("score", {}, ("oracle",)),
                                      ("select", {}, ("score",)), ("train:dpo", {"lr": method_lr}, ())):
             folder = tmp_path / key.replace(":", "-")

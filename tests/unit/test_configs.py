@@ -47,14 +47,21 @@ def test_config_file_is_valid(path, monkeypatch, tmp_path):
         configs = stage_configs(cfg, tmp_path / "run")
         assert {"oracle", "score", "select"} <= set(configs) and any(k.startswith("train:") for k in configs)
     if name == "demo":
-        from sepo.stages.demo import pipeline_config
+        from sepo.stages.demo import sweep_config
 
-        pipeline_config(cfg, tmp_path)
+        cfg = sweep_config(cfg)
+        name = "sweep"
+    if name == "sweep":
+        from sepo.stages.sweep import plan
+
+        points = plan(cfg, tmp_path / "sweep").points  # every variant, train and eval config built
+        assert points[0].method == "reference" and len(points) > 1
 
 
 def test_there_are_configs_for_the_paper_the_demo_and_hh_rlhf():
     names = {p.name for p in CONFIGS}
-    assert {"pipeline_paper_gpu.yaml", "hh_rlhf_cpu.yaml", "demo.yaml", "demo_quick.yaml"} <= names
+    assert {"pipeline_paper_gpu.yaml", "hh_rlhf_cpu.yaml", "demo.yaml", "demo_quick.yaml", "sweep_demo.yaml",
+            "sweep_hh_cpu.yaml"} <= names
 
 
 def test_kit_reference_spec():
@@ -82,3 +89,16 @@ def test_demo_yaml_writes_out_every_default_of_sepo_demo():
     defaults = {f.name: FULL.get(f.name, getattr(DemoConfig(), f.name)) for f in dataclasses.fields(DemoConfig)}
     assert set(written) == set(defaults)
     assert {k: written[k] for k in defaults} == defaults
+
+
+def test_sweep_demo_yaml_is_the_demos_sweep_with_three_seeds():
+    """configs/sweep_demo.yaml says `sepo demo` runs the same sweep with two seeds: everything else is equal."""
+    from sepo.config import load, to_dict
+    from sepo.stages.demo import DemoConfig, sweep_config
+    from sepo.stages.sweep import SweepConfig
+
+    written = to_dict(load(SweepConfig, ROOT / "configs" / "sweep_demo.yaml"))
+    demo = to_dict(sweep_config(DemoConfig()))
+    assert written.pop("seeds") == [0, 1, 2] and demo.pop("seeds") == [0, 1]
+    written.pop("output"), demo.pop("output")
+    assert written == demo

@@ -9,13 +9,16 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClas
 from sepo.errors import SepoError
 from sepo.evaluation import (
     alpacaeval_records,
+    degeneration,
     generate,
     kl_on_samples,
+    kl_per_sample,
     load_reward,
     preference_accuracy,
     sequence_log_probs,
     ties_half,
     win_rate,
+    word_vocabulary,
 )
 from sepo.models import load_causal_lm, load_tokenizer
 
@@ -54,6 +57,31 @@ def test_kl_of_a_model_against_itself_is_zero_and_matches_brute_force(model, tok
     expected = sum(brute_logp(model, p, y) - brute_logp(other, p, y) for p, y in zip(prompts, samples)) / 2
     torch.testing.assert_close(kl_on_samples(model, other, prompts, samples, tok.pad_token_id), expected,
                                atol=1e-3, rtol=1e-4)
+    # per sample: each term on its own; an empty sample has none and is left out of the mean
+    per = kl_per_sample(model, other, [*prompts, prompts[0]], [*samples, []], tok.pad_token_id)
+    assert per[2] is None
+    for p, y, got in zip(prompts, samples, per):
+        torch.testing.assert_close(got, brute_logp(model, p, y) - brute_logp(other, p, y), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(kl_on_samples(model, other, [*prompts, prompts[0]], [*samples, []], tok.pad_token_id),
+                               expected, atol=1e-3, rtol=1e-4)
+
+
+def test_degeneration_indicators_by_hand():
+    """Texts "a b a b a" and "c d \ufffd e" with vocabulary {a, b, c, d}.
+    Words: [a b a b a] and [c d e] (U+FFFD is not a word character).
+    Bigrams: ab ba ab ba | cd de -> 6 in all, distinct {ab, ba, cd, de} = 4: distinct_2 = 4/6.
+    Trigrams of text 1: aba bab aba -> 1 - 2/3 = 1/3 repeated; text 2: one trigram (cde) -> 0. Mean 1/6.
+    Unknown words: e, 1 of 8. Replacement characters: 1 of 9 + 7 = 16 characters."""
+    texts = ["a b a b a", "c d \ufffd e"]
+    got = degeneration(texts, {"a", "b", "c", "d"})
+    assert got["distinct_2"] == pytest.approx(4 / 6)
+    assert got["repeated_ngrams"] == pytest.approx(1 / 6)
+    assert got["unknown_words"] == pytest.approx(1 / 8)
+    assert got["replacement_chars"] == pytest.approx(1 / 16)
+    assert degeneration(texts)["unknown_words"] is None
+    assert degeneration([]) == {"distinct_2": 0.0, "repeated_ngrams": 0.0, "unknown_words": None,
+                                "replacement_chars": 0.0}
+    assert word_vocabulary(["The cat, the HAT.", "it's"]) == {"the", "cat", "hat", "it", "s"}
 
 
 def test_sequence_log_probs_match_a_plain_forward(model, tok):

@@ -1,16 +1,22 @@
-"""`sepo demo [--quick]`: SePO end to end on the embedded task, where the gold reward and the key tokens are known.
+"""`sepo demo [--quick] [--task NAME]`: does SePO's token selection beat DPO, SimPO and a random selection at the
+same KL, on a task whose answers are known? A `sepo sweep` that says so, with confidence intervals.
 
+    sepo demo
     sepo demo --quick --output runs/demo-quick
+    sepo demo --task minimal_pairs seeds=0,1,2 jobs=2
 
-1. Task: story openings (``sepo.tasks.sentiment``); two continuations per prompt sampled from the bundled
-   stories260K model, labelled by a Bradley-Terry draw on the gold sentiment reward; held-out prompts for eval.
-2. ``sepo pipeline`` on that data: a DPO oracle on a random subset, token rewards, k = 30% selection, and the
-   methods reference / DPO / SimPO / SePO / SePO on a random 30% (the control), same data and budget.
-3. Weak-to-strong: the same pipeline with a 2-layer kit model (stories260K's tokenizer) briefly fine-tuned on
-   the chosen responses as the oracle's base; the policy is still stories260K.
-4. How good the selection is against the known key tokens (precision / recall vs random), plots and tables.
+1. Task (``sepo.tasks``, default sentiment): prompts, two samples per prompt from the bundled stories260K,
+   labelled by the task's gold reward; held-out prompts for eval.
+2. Shared work, once: a DPO oracle of stories260K on half of the pairs, token rewards, k = 30% selection and
+   its random control; and a weak oracle (a 2-layer kit model on stories260K's tokenizer, SFT then DPO)
+   selecting for the same policy.
+3. Points: reference (untrained), DPO, SimPO, SePO, SePO on random tokens, weak-to-strong SePO, each at three
+   learning rates and two training seeds; each trained and evaluated (gold reward, win rate, KL, degeneration).
+4. The matched-KL verdict at KL budgets 1, 3 and 10 nats (paired bootstrap over seeds and prompts), the
+   frontier plot, and the token-reward plots of the oracles.
 
-Writes ``output/results.json``, ``results.md`` and PNG plots; docs/demo.md explains every number.
+Writes ``output/results.json``, ``results.md``, ``frontier.png``, ``concentration.png``, ``token_rewards.png``;
+the sweep's own files are in ``output`` too (docs/sweep.md). docs/demo.md explains every number.
 """
 
 from __future__ import annotations
@@ -19,45 +25,65 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sepo import __version__
 from sepo.config import from_dict, option
 from sepo.errors import ConfigError
-from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, owns_output, save_dataset
+from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, owns_output
+from sepo.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
-GOLD = "sepo.tasks.sentiment:gold_reward_batch"
-FULL = {"num_prompts": 600, "eval_prompts": 200, "max_new_tokens": 40, "num_epochs": 2}
-QUICK = {"num_prompts": 240, "eval_prompts": 64, "max_new_tokens": 32, "num_epochs": 1}
+METHODS = ("dpo", "simpo", "sepo", "sepo_random", "sepo_weak")
+# per method, three learning rates chosen so that the methods' KL ranges overlap the budgets 1, 3, 10 nats
+# (docs/demo.md, "Choosing the strengths")
+LEARNING_RATES = {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sepo": [5e-6, 1.2e-5, 3e-5],
+                  "sepo_random": [4e-5, 9e-5, 2e-4], "sepo_weak": [1e-5, 3e-5, 8e-5]}
+# eval generates for all held-out prompts in one batch: for a 260K-parameter model each decoding step costs
+# about the same at batch 32 or 512, so fewer, larger batches are several times faster
+EVAL_BATCH = 512
+FULL = {"output": "runs/demo", "num_prompts": 1800, "eval_prompts": 340, "max_new_tokens": 40, "num_epochs": 1,
+        "seeds": [0, 1], "learning_rates": LEARNING_RATES}
+QUICK = {"output": "runs/demo-quick", "num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1,
+         "seeds": [0, 1], "learning_rates": {m: [lrs[0], lrs[-1]] for m, lrs in LEARNING_RATES.items()}}
 
 
 @dataclass
 class DemoConfig:
-    """SePO end to end on the embedded sentiment task with known key tokens."""
+    """SePO against DPO, SimPO and a random selection at matched KL, on a task with known answers."""
 
-    output: str = option("runs/demo", "run folder (rerunning resumes; finished stages are skipped)")
-    quick: bool = option(False, "the small version (about 30 s on 2 CPU cores; the test suite runs it): fewer prompts, shorter "
-                         "samples, one epoch; any size key set explicitly wins")
-    model: str = option("stories260k", "policy and reference model (must share the stories260K tokenizer's vocabulary "
-                        "for the lexicon key tokens to be meaningful)")
-    num_prompts: int | None = option(None, "training prompts, two samples each (none: 600, quick 240)", unit="prompts")
-    eval_prompts: int | None = option(None, "held-out prompts (none: 200, quick 64)", unit="prompts")
-    max_new_tokens: int | None = option(None, "length of sampled continuations (none: 40, quick 32)", unit="tokens")
-    num_epochs: int | None = option(None, "epochs of every policy and oracle run (none: 2, quick 1)", unit="epochs")
-    bt_temperature: float = option(1.0, "Bradley-Terry temperature of the labels: P(y1 > y2) = "
-                                   "sigmoid((r1 - r2) / t)")
-    label_noise: float = option(0.0, "probability of flipping a label after the Bradley-Terry draw")
-    oracle_fraction: float = option(0.5, "share of the training pairs the oracle is trained on")
+    output: str | None = option(None, "run folder (none: runs/demo, quick runs/demo-quick); rerunning resumes: "
+                                "finished stages and points are kept")
+    quick: bool = option(False, "the small version the test suite runs: fewer prompts, shorter samples, two "
+                         "learning rates per method instead of three; any size key set explicitly wins")
+    task: str = option("sentiment", "the known-answer task (sepo.tasks)", choices=TASK_NAMES)
+    task_options: dict[str, Any] = option({}, "the task's own knobs (sentiment: bt_temperature)")
+    model: str = option("stories260k", "policy, reference and sampler of the task's pairs; the weak oracle's kit model "
+                        "uses its tokenizer")
+    num_prompts: int | None = option(None, "training prompts, two samples each (none: 1800, quick 400)",
+                                     unit="prompts")
+    eval_prompts: int | None = option(None, "held-out prompts (none: 340, quick 120)", unit="prompts")
+    max_new_tokens: int | None = option(None, "length of sampled continuations (none: 40, quick 24)", unit="tokens")
+    num_epochs: float | None = option(None, "epochs of every policy run (none: 1); the oracles get one more",
+                                      unit="epochs")
+    label_noise: float = option(0.0, "probability of flipping a label after the task's draw")
+    oracle_fraction: float = option(0.5, "share of the training pairs the oracles are trained on")
+    oracle_learning_rate: float = option(1e-4, "learning rate of both oracles' DPO")
     ratio: float = option(0.3, "k: share of tokens selected per response (SePO and the random control)")
-    learning_rate: float = option(5e-5, "learning rate of every policy run (oracles too)")
+    learning_rates: dict[str, list[float]] | None = option(
+        None, "method -> its learning rates, the strength axis (none: three per method, quick the lowest and "
+        "highest; see LEARNING_RATES in sepo/stages/demo.py)")
+    seeds: list[int] | None = option(None, "training seeds of every point (none: 0, 1)")
     batch_size: int = option(16, "pairs per optimizer step", unit="pairs")
-    weak_to_strong: bool = option(True, "also run SePO with a weak 2-layer oracle")
+    weak_to_strong: bool = option(True, "also run SePO with the selection of a weak 2-layer oracle")
     weak_preset: str = option("tiny", "kit size preset of the weak oracle's base model", choices=("micro", "tiny", "small"))
     weak_learning_rate: float = option(2e-3, "learning rate of the weak model's SFT (it starts from random weights)")
-    seed: int = option(0, "seed of prompts, samples, labels, subsets and the random control")
-    threads: int | None = option(1, "torch intra-op threads; none: torch's default. The 260K-parameter model gains "
-                                 "little from a second thread (see docs/demo.md, Run time), while threads that spin-wait "
-                                 "for each other on a busy machine make it many times slower")
+    budgets: list[float] = option([1.0, 3.0, 10.0], "KL budgets at which the methods are compared", unit="nats")
+    seed: int = option(0, "seed of prompts, samples, labels, the oracles' subset and the random control")
+    jobs: int = option(2, "worker processes training points in parallel")
+    threads: int | None = option(1, "torch threads per worker; none: CPU cores // jobs. The 260K-parameter model "
+                                 "gains little from more, and threads that spin-wait on a busy machine make it slower "
+                                 "(docs/demo.md, Run time)")
 
     def __post_init__(self):
         sizes = QUICK if self.quick else FULL
@@ -67,158 +93,111 @@ class DemoConfig:
         if self.num_prompts < 16 or self.eval_prompts < 4:
             raise ConfigError("num_prompts must be >= 16 and eval_prompts >= 4")
         if self.threads is not None and self.threads < 1:
-            raise ConfigError("threads must be >= 1 (or none for torch's default)")
+            raise ConfigError("threads must be >= 1 (or none: CPU cores // jobs)")
         if not 0 < self.ratio <= 1 or not 0 <= self.label_noise < 0.5:
             raise ConfigError("ratio must be in (0, 1] and label_noise in [0, 0.5)")
+        unknown = [m for m in self.learning_rates if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"learning_rates.{unknown[0]}: the demo's methods are {', '.join(METHODS)}")
+        if any(not lrs for lrs in self.learning_rates.values()):
+            raise ConfigError("each method needs at least one learning rate")
 
 
-def pipeline_config(cfg: DemoConfig, out: Path, *, weak: Path | None = None):
-    """The pipeline the demo runs: strong (oracle from the model itself) or weak-to-strong."""
-    from sepo.stages.pipeline import PipelineConfig
+def sweep_config(cfg: DemoConfig):
+    """The sweep the demo runs."""
+    from sepo.stages.sweep import SweepConfig
 
-    train = {"num_epochs": cfg.num_epochs, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size}
-    methods = ({"sepo_weak": {"loss": "sepo"}} if weak else
-               {"dpo": {"loss": "dpo"}, "simpo": {"loss": "simpo"}, "sepo": {"loss": "sepo"},
-                "sepo_random": {"loss": "sepo", "selection": "random"}})
-    return from_dict(PipelineConfig, {
-        "output": str(out / ("weak-to-strong" if weak else "pipeline")),
-        "data": str(out / "task" / "train"), "eval_data": str(out / "task" / "eval"),
-        "reference": str(weak) if weak else cfg.model, "policy": cfg.model if weak else None,
-        "stages": ["sft", "oracle", "score", "select", "train", "eval"] if weak else
-                  ["oracle", "score", "select", "train", "eval"],
-        "oracle_fraction": cfg.oracle_fraction, "methods": methods, "reward": GOLD, "seed": cfg.seed,
-        "sft": {"num_epochs": cfg.num_epochs + 1, "learning_rate": cfg.weak_learning_rate,
-                "batch_size": cfg.batch_size},
-        "oracle": {**train, "num_epochs": cfg.num_epochs + 1},
-        "select": {"chosen_ratio": cfg.ratio, "rejected_ratio": cfg.ratio},
-        "train": train,
-        "eval": {"max_new_tokens": cfg.max_new_tokens, "num_prompts": cfg.eval_prompts},
-    })
-
-
-def selection_quality(tokenizer, folder: Path) -> dict:
-    """Precision / recall of a selected dataset's masks against the lexicon tokens (both sides pooled)."""
-    from sepo.tasks.sentiment import lexicon_token_mask
-    from sepo.tasks.sentiment import selection_quality as quality
-
-    ds, _ = load_dataset_dir(folder, ("chosen_mask", "rejected_mask"))
-    sel, key = [], []
-    for row in ds:
-        for side in ("chosen", "rejected"):
-            sel.append(list(row[f"{side}_mask"]))
-            key.append(lexicon_token_mask(tokenizer, row[f"{side}_input_ids"]))
-    return quality(sel, key)
+    lrs = {**LEARNING_RATES, **cfg.learning_rates} if not cfg.quick else {**QUICK["learning_rates"],
+                                                                            **cfg.learning_rates}
+    methods = {"dpo": {"loss": "dpo"}, "simpo": {"loss": "simpo"}, "sepo": {"loss": "sepo", "variant": "oracle"},
+               "sepo_random": {"loss": "sepo", "selection": "random", "variant": "oracle"}}
+    variants: dict[str, dict] = {"oracle": {}}
+    if cfg.weak_to_strong:
+        methods["sepo_weak"] = {"loss": "sepo", "variant": "weak"}
+        variants["weak"] = {"reference": f"kit:llama:{cfg.weak_preset}:{cfg.model}:{cfg.seed}",
+                            "sft": {"num_epochs": cfg.num_epochs + 2, "learning_rate": cfg.weak_learning_rate,
+                                    "batch_size": cfg.batch_size}}
+    for name, spec in methods.items():
+        spec["learning_rate"] = list(lrs[name])
+    return from_dict(SweepConfig, {
+        "output": cfg.output, "task": cfg.task, "task_options": cfg.task_options, "num_prompts": cfg.num_prompts,
+        "eval_prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "label_noise": cfg.label_noise,
+        "reference": cfg.model, "oracle_fraction": cfg.oracle_fraction,
+        "oracle": {"num_epochs": cfg.num_epochs + 1, "learning_rate": cfg.oracle_learning_rate,
+                   "batch_size": cfg.batch_size},
+        "select": {"chosen_ratio": cfg.ratio, "rejected_ratio": cfg.ratio}, "variants": variants,
+        "methods": methods, "train": {"num_epochs": cfg.num_epochs, "batch_size": cfg.batch_size},
+        "eval": {"batch_size": EVAL_BATCH}, "seeds": cfg.seeds, "seed": cfg.seed, "budgets": cfg.budgets,
+        "jobs": cfg.jobs, "threads": cfg.threads})
 
 
 @owns_output()
 def run(cfg: DemoConfig) -> dict:
-    import torch
+    from sepo.stages import sweep
 
-    threads_before = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg)
-    finally:
-        torch.set_num_threads(threads_before)  # a library call leaves global state as it was, even on an error
-
-
-def _run(cfg: DemoConfig) -> dict:
-    import torch
-
-    from sepo.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-    from sepo.stages import pipeline
-    from sepo.tasks.sentiment import make_preference_pairs, story_prompts
-    from sepo.testing import build_tiny_model
-
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    tok = load_tokenizer(cfg.model)
-
-    # ------------------------------------------------------------------ 1. the task: prompts and labelled pairs
-    task = out / "task"
-    if not (task / "eval").is_dir():
-        log.info("== task: %d + %d prompts, 2 samples each from %s", cfg.num_prompts, cfg.eval_prompts, cfg.model)
-        model = load_causal_lm(cfg.model, trainable=False)
-        prompts = story_prompts(cfg.num_prompts + cfg.eval_prompts, seed=cfg.seed)
-        meta = {"stage": "demo-task", "sepo_version": __version__, "source": "sepo.tasks.sentiment",
-                "tokenizer": cfg.model, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-                "config": {"bt_temperature": cfg.bt_temperature, "label_noise": cfg.label_noise, "seed": cfg.seed}}
-        for name, part, seed in (("train", prompts[: cfg.num_prompts], cfg.seed),
-                                 ("eval", prompts[cfg.num_prompts :], cfg.seed + 1)):
-            pairs = make_preference_pairs(model, tok, part, max_new_tokens=cfg.max_new_tokens,
-                                          bt_temperature=cfg.bt_temperature, label_noise=cfg.label_noise, seed=seed)
-            save_dataset(pairs, task / name, {**meta, "num_rows": len(pairs)}, overwrite=True)
-        del model
-    train_pairs, _ = load_dataset_dir(task / "train")
-    log.info("task: %d training pairs, %d held-out pairs", len(train_pairs), len(load_dataset_dir(task / "eval")[0]))
-
-    # ------------------------------------------------------------------ 2. the pipeline: oracle, selection, methods
-    strong = pipeline.run(pipeline_config(cfg, out))
-    methods = dict(strong["methods"])
-
-    # ------------------------------------------------------------------ 3. weak-to-strong
-    weak = None
-    if cfg.weak_to_strong:
-        weak_init = out / "weak-init"
-        if not (weak_init / "config.json").is_file():
-            build_tiny_model(weak_init, arch="llama", preset=cfg.weak_preset, tokenizer=tok, seed=cfg.seed)
-        weak = pipeline.run(pipeline_config(cfg, out, weak=weak_init))
-        methods["sepo_weak"] = weak["methods"]["sepo_weak"]
-
-    # ------------------------------------------------------------------ 4. selection vs the known key tokens
-    strong_dir, weak_dir = out / "pipeline", out / "weak-to-strong"
-    oracle = selection_quality(tok, strong_dir / "selected")
-    rand = selection_quality(tok, strong_dir / "selected-random")
-    selection = {"precision": oracle["precision"], "recall": oracle["recall"],
-                 "random_precision": rand["precision"], "random_recall": rand["recall"],
-                 "key_fraction": oracle["key_fraction"], "selected_fraction": oracle["selected_fraction"]}
-    if weak is not None:
-        w = selection_quality(tok, weak_dir / "selected")
-        selection.update(weak_precision=w["precision"], weak_recall=w["recall"])
-    weak_params = None
-    if weak is not None:
-        n_strong = sum(p.numel() for p in load_causal_lm(cfg.model, trainable=False).parameters())
-        n_weak = sum(p.numel() for p in load_causal_lm(str(weak_dir / "sft"), trainable=False).parameters())
-        weak_params = {"policy_parameters": n_strong, "weak_oracle_parameters": n_weak}
-
-    # ------------------------------------------------------------------ 5. plots and tables
-    plots = make_plots(out, methods, strong_dir, weak_dir if weak is not None else None, tok)
-    results = {"methods": methods, "selection": selection, "weak_to_strong": weak_params, "plots": plots,
-               "num_train_pairs": len(train_pairs), "seconds": round(time.time() - started, 1),
-               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "sepo_version": __version__,
-               "torch_threads": torch.get_num_threads()}
-    atomic_write_json(out / "results.json", results)
-    table = results_markdown(results)
-    atomic_write_text(out / "results.md", table)
-    print(table)
-    log.info("demo finished in %.0f s; results in %s", results["seconds"], out)
+    result = sweep.execute(sweep_config(cfg))
+    plots = _plots(cfg, result)
+    results = _results(cfg, result, plots, seconds=time.time() - started)
+    atomic_write_json(Path(cfg.output) / "results.json", {k: v for k, v in results.items() if k != "markdown"})
+    atomic_write_text(Path(cfg.output) / "results.md", results["markdown"])
+    print(results["markdown"])
+    log.info("demo finished in %.0f s; results in %s", results["seconds"], cfg.output)
     return results
 
 
-def results_markdown(results: dict) -> str:
-    from sepo.stages.pipeline import results_markdown as methods_table
-
-    s = results["selection"]
-    lines = [methods_table(results, title="sepo demo: make the stories happier"),
-             "gold_reward: mean gold sentiment reward of one sample per held-out prompt; win_rate: against the "
-             "untrained model's sample on the same prompt (ties 1/2); kl: KL(pi || pi_ref) in nats per sample; "
-             "pref_accuracy: held-out pairs (implicit reward for DPO, length-normalised log-prob otherwise); "
-             "token_fraction: share of response tokens trained on.", "",
-             f"| selection (k = {results['config']['ratio']:.0%}; {s['selected_fraction']:.1%} of tokens after "
-             "flooring) | precision | recall |", "|---|---|---|",
-             f"| oracle (DPO of the model itself) | {s['precision']:.3f} | {s['recall']:.3f} |",
-             f"| random (same count per response) | {s['random_precision']:.3f} | {s['random_recall']:.3f} |"]
-    if "weak_precision" in s:
-        lines.append(f"| weak oracle (2-layer kit model) | {s['weak_precision']:.3f} | {s['weak_recall']:.3f} |")
-    lines += ["", f"Key (lexicon) tokens are {s['key_fraction']:.1%} of all response tokens.",
-              f"Finished in {results['seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------- phases
 
 
-def make_plots(out: Path, methods: dict, strong_dir: Path, weak_dir: Path | None, tok) -> list[str]:
-    """reward_vs_kl.png, concentration.png, token_rewards.png (selected vs unselected)."""
+def _plots(cfg: DemoConfig, result) -> list[str]:
+    from sepo.models import load_tokenizer
+
+    variants = result.plan.variants
+    weak = variants["weak"].folder if "weak" in variants else None
+    return ["frontier.png", *make_plots(Path(cfg.output), variants["oracle"].folder, weak, load_tokenizer(cfg.model))]
+
+
+def _weak_parameters(result) -> dict | None:
+    """Parameter counts of the policy and of the weak oracle (weak-to-strong: the oracle is the smaller one)."""
+    from sepo.models import load_causal_lm
+
+    if "weak" not in result.plan.variants:
+        return None
+    count = lambda name: sum(p.numel() for p in load_causal_lm(name, trainable=False).parameters())  # noqa: E731
+    return {"policy_parameters": count(result.plan.policy),
+            "weak_oracle_parameters": count(str(result.plan.variants["weak"].folder / "sft"))}
+
+
+def _results(cfg: DemoConfig, result, plots: list[str], *, seconds: float) -> dict:
+    summary = {k: v for k, v in result.summary.items() if k != "markdown"}
+    train_pairs = len(load_dataset_dir(Path(cfg.output) / "base" / "data" / "train")[0])
+    strengths = {m: len(spec["learning_rate"]) for m, spec in sweep_config(cfg).methods.items()}
+    results = {"summary": summary, "num_train_pairs": train_pairs, "weak_to_strong": _weak_parameters(result),
+               "plots": plots, "strengths": strengths, "seeds": list(cfg.seeds), "seconds": round(seconds, 1),
+               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "sepo_version": __version__}
+    results["markdown"] = results_markdown(cfg, results, result.markdown)
+    return results
+
+
+def results_markdown(cfg: DemoConfig, results: dict, sweep_markdown: str) -> str:
+    full = len(FULL["learning_rates"]["dpo"]), len(FULL["seeds"])
+    used = max(results["strengths"].values()), len(results["seeds"])
+    lines = [f"# sepo demo ({cfg.task}): does token selection beat DPO and SimPO at the same KL?", "",
+             f"{results['num_train_pairs']} training pairs; {used[0]} learning rates x {used[1]} seeds per method."]
+    if used < full:
+        lines.append(f"**Fewer points than the full demo ({full[0]} learning rates x {full[1]} seeds per method"
+                     f"{', on 1,000+ pairs' if cfg.quick else ''}): the confidence intervals are wider and the "
+                     "verdicts below are indicative only.**")
+    if results["weak_to_strong"]:
+        w = results["weak_to_strong"]
+        lines.append(f"Weak-to-strong: the weak oracle has {w['weak_oracle_parameters']:,} parameters, the policy "
+                     f"{w['policy_parameters']:,}.")
+    body = sweep_markdown.split("\n", 2)[2] if sweep_markdown.startswith("# ") else sweep_markdown
+    return "\n".join(lines) + "\n\n" + body
+
+
+def make_plots(out: Path, strong_dir: Path, weak_dir: Path | None, tok) -> list[str]:
+    """concentration.png (both oracles) and token_rewards.png (the oracle's selected vs unselected tokens)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,18 +206,6 @@ def make_plots(out: Path, methods: dict, strong_dir: Path, weak_dir: Path | None
 
     from sepo.core.rewards import abs_reward_share_curve
     from sepo.data.collate import pad_right
-
-    written = []
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, m in methods.items():
-        if m.get("gold_reward") is not None and m.get("kl") is not None:
-            ax.scatter(m["kl"], m["gold_reward"])
-            ax.annotate(name, (m["kl"], m["gold_reward"]), textcoords="offset points", xytext=(4, 4))
-    ax.set(xlabel="KL(pi || pi_ref) on policy samples (nats)", ylabel="gold reward", title="reward vs KL")
-    fig.tight_layout()
-    fig.savefig(out / "reward_vs_kl.png", dpi=100)
-    plt.close(fig)
-    written.append("reward_vs_kl.png")
 
     fig, ax = plt.subplots(figsize=(5, 4))
     fig2, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -270,4 +237,4 @@ def make_plots(out: Path, methods: dict, strong_dir: Path, weak_dir: Path | None
     fig2.savefig(out / "token_rewards.png", dpi=100)
     plt.close(fig)
     plt.close(fig2)
-    return [*written, "concentration.png", "token_rewards.png"]
+    return ["concentration.png", "token_rewards.png"]

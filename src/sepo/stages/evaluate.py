@@ -4,7 +4,7 @@
         --reward sepo.tasks.sentiment:gold_reward_batch --output runs/eval
 
 Output folder (written atomically): ``metrics.json``, ``generations.jsonl`` (prompt, policy and reference
-completions with their rewards), ``alpaca_eval.json`` (AlpacaEval's model-outputs format) and
+completions with their rewards and the KL term of each policy sample), ``alpaca_eval.json`` (AlpacaEval's model-outputs format) and
 ``sepo_metadata.json``. See docs/eval.md for the definitions.
 """
 
@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,11 +25,14 @@ from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, DataError, SepoError
 from sepo.evaluation import (
     alpacaeval_records,
+    degeneration,
     generate,
-    kl_on_samples,
+    kl_per_sample,
     load_reward,
+    mean_of,
     preference_accuracy,
     win_rate,
+    word_vocabulary,
 )
 from sepo.io import atomic_dir, atomic_write_json, owns_output, write_metadata
 
@@ -60,6 +64,8 @@ class EvalConfig:
     tokenizer: str | None = option(None, "tokenizer (none: the model's own)")
     dtype: str = option("float32", "dtype the models are loaded in", choices=("auto", "float32", "bfloat16", "float16"))
     seed: int = option(0, "sampling seed")
+    vocabulary_data: str | None = option(None, "pairs whose prompts and responses define the known words for the "
+                                         "unknown_words share (e.g. the training data; none: the eval pairs)")
     overwrite: bool = option(False, "replace an existing output folder")
     data_options: DataOptions = option(default_factory=DataOptions, help="reading raw data (when data is not a "
                                        "sepo dataset folder)")
@@ -86,12 +92,19 @@ def load_eval_pairs(data: str, tokenizer, options: DataOptions, context: tuple[i
     return ds
 
 
+@dataclass
+class _Models:
+    """What the phases of one eval share: the device, the tokenizer, the models and the reward."""
+
+    accelerator: Any
+    tokenizer: Any
+    policy: Any
+    reference: Any | None
+    reward_fn: Any | None
+
+
 @owns_output()
 def run(cfg: EvalConfig) -> dict:
-    from accelerate import Accelerator
-
-    from sepo.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
-
     if not (cfg.model and cfg.data):
         raise ConfigError("sepo eval needs --model (the policy) and --data (held-out pairs: their prompts are what "
                           "it generates for)")
@@ -99,8 +112,27 @@ def run(cfg: EvalConfig) -> dict:
     if out.exists() and not cfg.overwrite:
         raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
     started = time.time()
+    models = _setup_models(cfg)
+    pairs = _setup_data(cfg, models)
+    metrics: dict = {"model": cfg.model, "reference": cfg.reference}
+    metrics.update(_preference_accuracy(cfg, models, pairs))
+    records: list[dict] = []
+    if cfg.num_prompts > 0:
+        records = _generate(cfg, models, pairs)
+        metrics.update(_generation_metrics(cfg, models, pairs, records))
+    metrics["seconds"] = round(time.time() - started, 2)
+    _write(cfg, models, metrics, records)
+    return metrics
 
-    # ------------------------------------------------------------------ models and the reward
+
+# --------------------------------------------------------------------------- phases
+
+
+def _setup_models(cfg: EvalConfig) -> _Models:
+    from accelerate import Accelerator
+
+    from sepo.models import check_same_vocabulary, load_causal_lm, load_tokenizer
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     # loaded first: a wrong --reward fails in seconds, not after the accuracy pass and the generations
     reward_fn = load_reward(cfg.reward, device=accelerator.device) if cfg.reward and cfg.num_prompts > 0 else None
@@ -109,86 +141,117 @@ def run(cfg: EvalConfig) -> dict:
     reference = None
     if cfg.reference:
         reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
-        from sepo.models import check_same_vocabulary
-
         check_same_vocabulary(tok, load_tokenizer(cfg.reference), "model", "reference")
-    metrics: dict = {"model": cfg.model, "reference": cfg.reference}
+    return _Models(accelerator, tok, policy, reference, reward_fn)
 
-    # ------------------------------------------------------------------ data
-    from sepo.models import shortest_context
 
-    pairs = load_eval_pairs(cfg.data, tok, cfg.data_options, shortest_context(model=cfg.model, reference=cfg.reference))
+def _setup_data(cfg: EvalConfig, models: _Models):
+    from sepo.data.load import check_context_length
+    from sepo.models import context_limit, shortest_context
+
+    pairs = load_eval_pairs(cfg.data, models.tokenizer, cfg.data_options,
+                            shortest_context(model=cfg.model, reference=cfg.reference))
     if cfg.max_pairs is not None:
         pairs = pairs.select(range(min(cfg.max_pairs, len(pairs))))
-    from sepo.data.load import check_context_length
-    from sepo.models import context_limit
-
-    for role, name, model in (("model", cfg.model, policy), ("reference", cfg.reference, reference)):
+    for role, name, model in (("model", cfg.model, models.policy), ("reference", cfg.reference, models.reference)):
         if model is not None:
             check_context_length(pairs, context_limit(model.config), role, name)
+    return pairs
 
-    # ------------------------------------------------------------------ preference accuracy
-    if len(pairs):
-        use_ref = reference if (cfg.accuracy_metric == "implicit" or
-                                (cfg.accuracy_metric == "auto" and reference is not None)) else None
-        acc = preference_accuracy(policy, pairs, tok.pad_token_id, reference=use_ref, batch_size=cfg.batch_size)
-        metrics.update(pref_accuracy=acc["accuracy"], pref_margin=acc["margin"], pref_metric=acc["metric"],
-                       num_pairs=acc["num_pairs"])
-        log.info("preference accuracy (%s): %.3f on %d pairs", acc["metric"], acc["accuracy"], acc["num_pairs"])
 
-    # ------------------------------------------------------------------ generation
-    records: list[dict] = []
-    if cfg.num_prompts > 0:
-        seen: dict[str, list[int]] = {}
-        for row in pairs:
-            if row["prompt"] not in seen and len(seen) < cfg.num_prompts:
-                seen[row["prompt"]] = list(row["prompt_input_ids"])
-        prompts, prompt_ids = list(seen), list(seen.values())
-        sampling = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                    "top_p": cfg.top_p, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "seed": cfg.seed}
-        gen = generate(policy, tok, prompt_ids, **sampling)
-        records = [{"prompt": p, "output": t, "output_tokens": len(ids)} for p, (t, ids) in zip(prompts, gen)]
-        metrics["num_prompts"] = len(prompts)
-        metrics["mean_output_tokens"] = sum(r["output_tokens"] for r in records) / max(len(records), 1)
-        ref_gen = generate(reference, tok, prompt_ids, **sampling) if reference is not None else None
-        if ref_gen is not None:
-            for r, (t, _) in zip(records, ref_gen):
-                r["reference_output"] = t
+def _preference_accuracy(cfg: EvalConfig, models: _Models, pairs) -> dict:
+    if not len(pairs):
+        return {}
+    use_ref = models.reference if (cfg.accuracy_metric == "implicit" or
+                                   (cfg.accuracy_metric == "auto" and models.reference is not None)) else None
+    acc = preference_accuracy(models.policy, pairs, models.tokenizer.pad_token_id, reference=use_ref,
+                              batch_size=cfg.batch_size)
+    log.info("preference accuracy (%s): %.3f on %d pairs", acc["metric"], acc["accuracy"], acc["num_pairs"])
+    return {"pref_accuracy": acc["accuracy"], "pref_margin": acc["margin"], "pref_metric": acc["metric"],
+            "num_pairs": acc["num_pairs"]}
 
-        # -------------------------------------------------------------- reward and win rate
-        if reward_fn is not None:
-            rewards = reward_fn(prompts, [r["output"] for r in records])
-            for r, v in zip(records, rewards):
-                r["reward"] = v
-            metrics["reward"] = sum(rewards) / len(rewards)
-            if ref_gen is not None:
-                ref_rewards = reward_fn(prompts, [t for t, _ in ref_gen])
-                for r, v in zip(records, ref_rewards):
-                    r["reference_reward"] = v
-                metrics["reference_reward"] = sum(ref_rewards) / len(ref_rewards)
-                metrics["win_rate"] = win_rate(rewards, ref_rewards)
-                log.info("reward %.3f vs reference %.3f; win rate %.3f", metrics["reward"],
-                         metrics["reference_reward"], metrics["win_rate"])
 
-        # -------------------------------------------------------------- KL on the policy's samples
-        if reference is not None:
-            metrics["kl"] = kl_on_samples(policy, reference, prompt_ids, [ids for _, ids in gen], tok.pad_token_id,
-                                          cfg.batch_size)
-            log.info("KL(pi || pi_ref) on policy samples: %.4f nats", metrics["kl"])
+def _generate(cfg: EvalConfig, models: _Models, pairs) -> list[dict]:
+    """One policy sample per distinct prompt (the first ``num_prompts``), the reference's beside it, each with
+    its reward and, for the policy's, its KL term: the per-prompt records of generations.jsonl."""
+    seen: dict[str, list[int]] = {}
+    for row in pairs:
+        if row["prompt"] not in seen and len(seen) < cfg.num_prompts:
+            seen[row["prompt"]] = list(row["prompt_input_ids"])
+    prompts, prompt_ids = list(seen), list(seen.values())
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "top_k": cfg.top_k, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    gen = generate(models.policy, models.tokenizer, prompt_ids, **sampling)
+    records = [{"prompt": p, "prompt_input_ids": ids, "output": t, "output_ids": out_ids, "output_tokens": len(out_ids)}
+               for p, ids, (t, out_ids) in zip(prompts, prompt_ids, gen)]
+    if models.reference is not None:
+        for r, (t, _) in zip(records, generate(models.reference, models.tokenizer, prompt_ids, **sampling)):
+            r["reference_output"] = t
+    if models.reward_fn is not None:
+        for r, v in zip(records, models.reward_fn(prompts, [r["output"] for r in records])):
+            r["reward"] = v
+        if models.reference is not None:
+            for r, v in zip(records, models.reward_fn(prompts, [r["reference_output"] for r in records])):
+                r["reference_reward"] = v
+    if models.reference is not None:
+        kls = kl_per_sample(models.policy, models.reference, prompt_ids, [r["output_ids"] for r in records],
+                            models.tokenizer.pad_token_id, cfg.batch_size)
+        for r, v in zip(records, kls):
+            r["kl"] = v
+    for r in records:  # the ids were needed for the KL only
+        del r["prompt_input_ids"], r["output_ids"]
+    return records
 
-    # ------------------------------------------------------------------ write
-    metrics["seconds"] = round(time.time() - started, 2)
-    if accelerator.is_main_process:
-        generator = cfg.generator_name or Path(cfg.model).name
-        with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
-            atomic_write_json(tmp / "metrics.json", metrics)
-            if records:
-                (tmp / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-                atomic_write_json(tmp / "alpaca_eval.json", alpacaeval_records(
-                    [r["prompt"] for r in records], [r["output"] for r in records], generator))
-            write_metadata(tmp, {"stage": "eval", "sepo_version": __version__, "source": cfg.data,
-                                 "tokenizer": cfg.tokenizer or cfg.model,
-                                 "tokenizer_fingerprint": tokenizer_fingerprint(tok), "num_rows": len(records),
-                                 "config": to_dict(cfg)})
-        log.info("wrote %s", out)
+
+def _generation_metrics(cfg: EvalConfig, models: _Models, pairs, records: list[dict]) -> dict:
+    """Means over the prompts: reward, win rate, KL, length, and the degeneration indicators."""
+    metrics: dict = {"num_prompts": len(records),
+                     "mean_output_tokens": sum(r["output_tokens"] for r in records) / max(len(records), 1)}
+    if records and "reward" in records[0]:
+        rewards = [r["reward"] for r in records]
+        metrics["reward"] = sum(rewards) / len(rewards)
+        if "reference_reward" in records[0]:
+            ref_rewards = [r["reference_reward"] for r in records]
+            metrics["reference_reward"] = sum(ref_rewards) / len(ref_rewards)
+            metrics["win_rate"] = win_rate(rewards, ref_rewards)
+            log.info("reward %.3f vs reference %.3f; win rate %.3f", metrics["reward"], metrics["reference_reward"],
+                     metrics["win_rate"])
+    if records and "kl" in records[0]:
+        metrics["kl"] = mean_of([r["kl"] for r in records])
+        log.info("KL(pi || pi_ref) on policy samples: %.4f nats", metrics["kl"])
+    metrics.update(degeneration([r["output"] for r in records], _known_words(cfg, pairs)))
     return metrics
+
+
+def _known_words(cfg: EvalConfig, pairs) -> set[str]:
+    """The words of the prompts and responses of ``vocabulary_data`` (none: of the eval pairs)."""
+    from sepo.data import load_preference_data
+    from sepo.io import METADATA_FILE, load_dataset_dir
+
+    if cfg.vocabulary_data is None:
+        texts = pairs
+    elif (Path(cfg.vocabulary_data) / METADATA_FILE).is_file():
+        texts = load_dataset_dir(cfg.vocabulary_data, ("prompt", "chosen", "rejected"))[0]
+    else:
+        texts = load_preference_data(cfg.vocabulary_data, cfg.data_options).dataset
+    return word_vocabulary(t for column in ("prompt", "chosen", "rejected") for t in texts[column])
+
+
+def _write(cfg: EvalConfig, models: _Models, metrics: dict, records: list[dict]) -> None:
+    from sepo.models import tokenizer_fingerprint
+
+    if not models.accelerator.is_main_process:
+        return
+    out = Path(cfg.output)
+    generator = cfg.generator_name or Path(cfg.model).name
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:
+        atomic_write_json(tmp / "metrics.json", metrics)
+        if records:
+            (tmp / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            atomic_write_json(tmp / "alpaca_eval.json", alpacaeval_records(
+                [r["prompt"] for r in records], [r["output"] for r in records], generator))
+        write_metadata(tmp, {"stage": "eval", "sepo_version": __version__, "source": cfg.data,
+                             "tokenizer": cfg.tokenizer or cfg.model,
+                             "tokenizer_fingerprint": tokenizer_fingerprint(models.tokenizer),
+                             "num_rows": len(records), "config": to_dict(cfg)})
+    log.info("wrote %s", out)

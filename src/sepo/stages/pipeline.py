@@ -286,7 +286,7 @@ def token_fraction(selected) -> float:
     return sum(sum(m) for column in MASK_COLUMNS for m in selected[column]) / max(total, 1)
 
 
-class _Runner:
+class StageRunner:
     """Runs a stage unless its folder has a marker with the same settings and the same upstream stages;
     writes the marker afterwards. A stage whose upstream stage changed runs again."""
 
@@ -332,14 +332,32 @@ def run(cfg: PipelineConfig) -> dict:
     if not cfg.data:
         raise ConfigError("sepo pipeline needs data (a preference dataset)")
     run_dir = Path(cfg.output)
-    configs = stage_configs(cfg, run_dir)  # every section validated before anything runs
+    stage_configs(cfg, run_dir)  # every section validated before anything runs
     check_stage_inputs(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    step = _Runner(run_dir, cfg.rerun)
-    specs = method_specs(cfg)
+    step = StageRunner(run_dir, cfg.rerun)
+    configs = _kit_reference(cfg, run_dir, step)
+    _prepare_data(cfg, run_dir, step)
+    _sft_and_oracle(cfg, run_dir, step, configs)
+    _score_and_select(cfg, run_dir, step, configs)
+    _train_methods(cfg, run_dir, step, configs)
+    results: dict[str, Any] = {"methods": _evaluate(cfg, run_dir, step, configs)}
+    results.update(stages_run=step.ran, stages_skipped=step.skipped, seconds=round(time.time() - started, 1),
+                   config=to_dict(cfg), sepo_version=__version__)
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_text(run_dir / "results.md", results_markdown(results, title=f"sepo pipeline: {run_dir}"))
+    if results["methods"]:
+        print(results_markdown(results, title=None))
+    return results
 
-    # ------------------------------------------------------------------ kit reference (when asked for)
+
+# --------------------------------------------------------------------------- phases
+
+
+def _kit_reference(cfg: PipelineConfig, run_dir: Path, step: StageRunner) -> dict[str, Any]:
+    """Build the kit reference when one is asked for; the stage configs (again once the kit's tokenizer exists,
+    which select's projection check reads)."""
     kit = parse_kit(cfg.reference)
     if kit:
         from sepo.testing import build_tiny_model
@@ -351,10 +369,13 @@ def run(cfg: PipelineConfig) -> dict:
                 build_tiny_model(tmp, **kit)
 
         step("kit", run_dir / "kit-model", kit, build)
-        configs = stage_configs(cfg, run_dir)  # again, now that the kit's tokenizer exists (select's projection)
+    return stage_configs(cfg, run_dir)
 
-    # ------------------------------------------------------------------ data: train / eval split, tokenized once
-    def prepare_data():
+
+def _prepare_data(cfg: PipelineConfig, run_dir: Path, step: StageRunner) -> None:
+    """data/train, data/eval (and data/score): read and tokenized once; the held-out split is never trained on."""
+
+    def prepare():
         from sepo.data import load_pairs, subset, train_eval_split
         from sepo.models import load_tokenizer, shortest_context, tokenizer_fingerprint
 
@@ -378,10 +399,11 @@ def run(cfg: PipelineConfig) -> dict:
 
     step("data", run_dir / "data", {"data": cfg.data, "eval": cfg.eval_data, "eval_size": cfg.eval_size,
                                     "score_data": cfg.score_data, "max_pairs": cfg.max_pairs, "seed": cfg.seed,
-                                    "reference": cfg.reference, "options": to_dict(cfg.data_options)}, prepare_data,
+                                    "reference": cfg.reference, "options": to_dict(cfg.data_options)}, prepare,
          after=("kit",))
 
-    # ------------------------------------------------------------------ sft (optional) and the oracle
+
+def _sft_and_oracle(cfg: PipelineConfig, run_dir: Path, step: StageRunner, configs: dict[str, Any]) -> None:
     train_mod = importlib.import_module("sepo.stages.train")
     for key in ("sft", "oracle"):
         if key in cfg.stages:
@@ -389,59 +411,63 @@ def run(cfg: PipelineConfig) -> dict:
             step(key, folder, to_dict(configs[key]), lambda f=folder, k=key: train_mod.run(_resumable(configs[k], f)),
                  after=("data", "sft"))
 
-    # ------------------------------------------------------------------ token rewards and key tokens
+
+def _score_and_select(cfg: PipelineConfig, run_dir: Path, step: StageRunner, configs: dict[str, Any]) -> None:
+    """Token rewards, the key-token masks, and the random control when a method trains on it."""
     if "score" in cfg.stages:
         score_mod = importlib.import_module("sepo.stages.score")
         step("score", run_dir / "scores", to_dict(configs["score"]),
              lambda: score_mod.run(_resumable(configs["score"], run_dir / "scores")), after=("data", "sft", "oracle"))
-    if "select" in cfg.stages:
-        select_mod = importlib.import_module("sepo.stages.select")
-        step("select", run_dir / "selected", to_dict(configs["select"]),
-             lambda: select_mod.run(_resumable(configs["select"], run_dir / "selected")), after=("score",))
-        if any(m["selection"] == "random" for m in specs.values()):
-            def randomise():
-                selected, meta = load_dataset_dir(run_dir / "selected", MASK_COLUMNS)
-                save_dataset(random_masks_like(selected, cfg.seed), run_dir / "selected-random",
-                             {**meta, "stage": "select-random", "seed": cfg.seed}, overwrite=True)
+    if "select" not in cfg.stages:
+        return
+    select_mod = importlib.import_module("sepo.stages.select")
+    step("select", run_dir / "selected", to_dict(configs["select"]),
+         lambda: select_mod.run(_resumable(configs["select"], run_dir / "selected")), after=("score",))
+    if any(m["selection"] == "random" for m in method_specs(cfg).values()):
+        def randomise():
+            selected, meta = load_dataset_dir(run_dir / "selected", MASK_COLUMNS)
+            save_dataset(random_masks_like(selected, cfg.seed), run_dir / "selected-random",
+                         {**meta, "stage": "select-random", "seed": cfg.seed}, overwrite=True)
 
-            step("select:random", run_dir / "selected-random", {"seed": cfg.seed, "of": to_dict(configs["select"])},
-                 randomise, after=("select",))
+        step("select:random", run_dir / "selected-random", {"seed": cfg.seed, "of": to_dict(configs["select"])},
+             randomise, after=("select",))
 
-    # ------------------------------------------------------------------ train one policy per method
-    if "train" in cfg.stages:
-        for name in specs:
-            key, folder = f"train:{name}", run_dir / f"policy-{name}"
-            upstream = {"oracle": "select", "random": "select:random", "none": "data"}[specs[name]["selection"]]
-            step(key, folder, to_dict(configs[key]), lambda f=folder, k=key: train_mod.run(_resumable(configs[k], f)),
-                 after=("data", "sft", upstream))
 
-    # ------------------------------------------------------------------ eval: the untrained policy and every method
-    results: dict[str, Any] = {"methods": {}}
-    if "eval" in cfg.stages:
-        eval_mod = importlib.import_module("sepo.stages.evaluate")
-        for name in ["reference", *specs]:
-            key = f"eval:{name}"
-            folder = run_dir / f"eval-{name}"
-            step(key, folder, to_dict(configs[key]), lambda k=key: eval_mod.run(configs[k]),
-                 after=("data", "sft", f"train:{name}"))
-            metrics = json.loads((folder / "metrics.json").read_text())
-            sel = specs.get(name, {}).get("selection", "none")
-            frac = token_fraction(load_dataset_dir(run_dir / ("selected" if sel == "oracle" else "selected-random"))[0]) \
-                if sel != "none" else 1.0
-            results["methods"][name] = {
-                "loss": specs[name]["loss"] if name in specs else None, "selection": sel,
-                "gold_reward": metrics.get("reward"), "win_rate": metrics.get("win_rate"), "kl": metrics.get("kl"),
-                "pref_accuracy": metrics.get("pref_accuracy"), "pref_metric": metrics.get("pref_metric"),
-                "token_fraction": 0.0 if name == "reference" else frac}
+def _train_methods(cfg: PipelineConfig, run_dir: Path, step: StageRunner, configs: dict[str, Any]) -> None:
+    """One policy per method, all from the same model, on the same pairs, with the same budget."""
+    if "train" not in cfg.stages:
+        return
+    train_mod = importlib.import_module("sepo.stages.train")
+    specs = method_specs(cfg)
+    for name in specs:
+        key, folder = f"train:{name}", run_dir / f"policy-{name}"
+        upstream = {"oracle": "select", "random": "select:random", "none": "data"}[specs[name]["selection"]]
+        step(key, folder, to_dict(configs[key]), lambda f=folder, k=key: train_mod.run(_resumable(configs[k], f)),
+             after=("data", "sft", upstream))
 
-    # ------------------------------------------------------------------ results
-    results.update(stages_run=step.ran, stages_skipped=step.skipped, seconds=round(time.time() - started, 1),
-                   config=to_dict(cfg), sepo_version=__version__)
-    atomic_write_json(run_dir / "results.json", results)
-    atomic_write_text(run_dir / "results.md", results_markdown(results, title=f"sepo pipeline: {run_dir}"))
-    if results["methods"]:
-        print(results_markdown(results, title=None))
-    return results
+
+def _evaluate(cfg: PipelineConfig, run_dir: Path, step: StageRunner, configs: dict[str, Any]) -> dict[str, dict]:
+    """The untrained policy and every method on the held-out prompts -> method -> its row of results.json."""
+    if "eval" not in cfg.stages:
+        return {}
+    eval_mod = importlib.import_module("sepo.stages.evaluate")
+    specs = method_specs(cfg)
+    methods = {}
+    for name in ["reference", *specs]:
+        key = f"eval:{name}"
+        folder = run_dir / f"eval-{name}"
+        step(key, folder, to_dict(configs[key]), lambda k=key: eval_mod.run(configs[k]),
+             after=("data", "sft", f"train:{name}"))
+        metrics = json.loads((folder / "metrics.json").read_text())
+        sel = specs.get(name, {}).get("selection", "none")
+        frac = token_fraction(load_dataset_dir(run_dir / ("selected" if sel == "oracle" else "selected-random"))[0]) \
+            if sel != "none" else 1.0
+        methods[name] = {
+            "loss": specs[name]["loss"] if name in specs else None, "selection": sel,
+            "gold_reward": metrics.get("reward"), "win_rate": metrics.get("win_rate"), "kl": metrics.get("kl"),
+            "pref_accuracy": metrics.get("pref_accuracy"), "pref_metric": metrics.get("pref_metric"),
+            "token_fraction": 0.0 if name == "reference" else frac}
+    return methods
 
 
 def _fmt(v: Any) -> str:
