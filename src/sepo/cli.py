@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score": ("sepo.stages.score", "ScoreConfig", "run", "token-level rewards r_t = beta*(log pi_oracle - log pi_ref) for every response token"),
     "select": ("sepo.stages.select", "SelectConfig", "run", "choose key tokens (ratio / threshold / mass), optionally in another tokenizer"),
     "inspect": ("sepo.stages.inspect", "InspectConfig", "run", "reward statistics, concentration curve and an HTML view of selected tokens"),
-    "train": ("sepo.stages.train", "TrainConfig", "run", "one accelerate loop: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo"),
+    "train": ("sepo.stages.train", "TrainConfig", "run", "one accelerate loop: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo and the token-level losses"),
     "eval": ("sepo.stages.evaluate", "EvalConfig", "run", "preference accuracy, generation, reward, win rate and KL against a reference"),
     "pipeline": ("sepo.stages.pipeline", "PipelineConfig", "run", "sft -> oracle -> score -> select -> train -> eval from one YAML, resumable"),
     "demo": ("sepo.stages.demo", "DemoConfig", "run", "SePO end to end on the embedded task with known key tokens"),
