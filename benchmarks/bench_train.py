@@ -103,7 +103,8 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sepo.core.losses import LOSSES, needs_reference
+    from sepo.core.losses import LOSSES
+    from sepo.core.objectives import needs_reference
     from sepo.stages.train import TrainConfig, compute_loss, micro_batch_loss, micro_batch_stats
     from sepo.testing import tiny_config
 
