@@ -16,6 +16,8 @@ is printed too: it is less sensitive to a busy machine. Peak memory: each scorer
 warm-up is done the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``), and the reported figure is
 the peak RSS (VmHWM) during the timed run minus the RSS just before it: every byte torch allocates on CPU is
 in it (tracemalloc would not see torch's allocator).
+Roofline: each scorer's model FLOPs (benchmarks/roofline.py) per second and as a share of the matmul peak measured
+at the start of the run with the same thread count.
 Targets: (c) >= 4x (a) and >= 1.5x (b) in tokens/s, lower peak memory than (b); 100k responses selected < 10 s.
 """
 
@@ -41,7 +43,7 @@ TOPK_RATIO = 0.3
 # ---------------------------------------------------------------------------------------------- data and models
 
 
-def load_hh_pairs(tokenizer, n: int) -> list[dict]:
+def load_hh_pairs(tokenizer, n: int, max_prompt: int = MAX_PROMPT, max_response: int = MAX_RESPONSE) -> list[dict]:
     """The first n HH-RLHF harmless-base test pairs, split at the last "Assistant:" turn, GPT-2 tokenized."""
     from sepo.testing import shared_dir
 
@@ -56,9 +58,9 @@ def load_hh_pairs(tokenizer, n: int) -> list[dict]:
             eos = tokenizer.eos_token_id
             rows.append({
                 "index": len(rows),
-                "prompt_input_ids": tokenizer(prompt)["input_ids"][-MAX_PROMPT:],
-                "chosen_input_ids": tokenizer(chosen)["input_ids"][: MAX_RESPONSE - 1] + [eos],
-                "rejected_input_ids": tokenizer(rejected)["input_ids"][: MAX_RESPONSE - 1] + [eos],
+                "prompt_input_ids": tokenizer(prompt)["input_ids"][-max_prompt:],
+                "chosen_input_ids": tokenizer(chosen)["input_ids"][: max_response - 1] + [eos],
+                "rejected_input_ids": tokenizer(rejected)["input_ids"][: max_response - 1] + [eos],
             })
             if len(rows) == n:
                 break
@@ -165,9 +167,24 @@ def measure(method: str, folder: Path, pairs: int, threads: int) -> dict:
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = _status_kib("VmHWM")
     return {"method": method, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "flops": scorer_flops(oracle.config, rows[:pairs], method),
             "cpu_seconds": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
             "load_average": os.getloadavg()[0], "peak_rss_increase_mib": (peak - rss_before) / 1024,
             "prompt_tokens_mean": sum(len(r["prompt_input_ids"]) for r in rows[:pairs]) / pairs}
+
+
+def scorer_flops(config, rows, method: str) -> int:
+    """Model FLOPs of a scorer over ``rows`` (benchmarks/roofline.py): both models run prompt + response for each
+    side; the paper's procedure and the batched one project every position through the LM head, sepo only the
+    response positions. Padding is not counted."""
+    from roofline import Shape, sequence_work
+
+    shape, total = Shape.of(config), 0
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            length, response = len(row["prompt_input_ids"]) + len(row[f"{side}_input_ids"]), len(row[f"{side}_input_ids"])
+            total += 2 * sequence_work(length, response if method == "sepo" else length).flops(shape)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -232,8 +249,15 @@ def main() -> int:
         return 0
 
     with tempfile.TemporaryDirectory(prefix="sepo-bench-") as tmp:
+        from transformers import AutoConfig
+
+        from roofline import Shape, describe, describe_peaks, measure_peaks, roofline
+
         folder = Path(args.workdir or tmp)
         build_models(folder)
+        torch.set_num_threads(args.threads)  # the peak with the scorers' thread count
+        peaks = measure_peaks(Shape.of(AutoConfig.from_pretrained(folder / "oracle")))
+        print(describe_peaks(peaks))
         runs: dict[str, list[dict]] = {m: [] for m in SCORERS}
         for round_ in range(args.rounds):  # methods interleaved, so a change in machine load hits all of them
             for method in SCORERS:
@@ -244,10 +268,12 @@ def main() -> int:
                     print(done.stderr[-3000:], file=sys.stderr)
                     return 1
                 r = json.loads(done.stdout.strip().splitlines()[-1])
+                r.update(roofline(r["flops"], r["seconds"], peaks))
                 runs[method].append(r)
                 print(f"round {round_ + 1} {method:8s} {r['tokens']:6d} tokens {r['seconds']:7.2f} s "
                       f"{r['tokens_per_s']:7.0f} tokens/s ({r['tokens_per_cpu_s']:6.0f} per CPU-s)  "
-                      f"peak RSS +{r['peak_rss_increase_mib']:7.1f} MiB  load {r['load_average']:.1f}", flush=True)
+                      f"peak RSS +{r['peak_rss_increase_mib']:7.1f} MiB  {describe(r)}  load {r['load_average']:.1f}",
+                      flush=True)
         # best round per method: interference from other processes only ever slows a run down
         results = {m: {**max(rs, key=lambda r: r["tokens_per_s"]),
                        "tokens_per_cpu_s": max(r["tokens_per_cpu_s"] for r in rs),
@@ -260,7 +286,7 @@ def main() -> int:
                   "memory_vs_batched": sepo["peak_rss_increase_mib"] / batched["peak_rss_increase_mib"]}
         for m, r in results.items():
             print(f"best {m:8s} {r['tokens_per_s']:7.0f} tokens/s  {r['tokens_per_cpu_s']:7.0f} tokens per CPU-s  "
-                  f"peak RSS +{r['peak_rss_increase_mib']:.1f} MiB")
+                  f"peak RSS +{r['peak_rss_increase_mib']:.1f} MiB  {describe(r)}")
         print(f"sepo vs (a) paper: {ratios['speed_vs_paper']:.2f}x tokens/s (target >= 4x); "
               f"{ratios['cpu_time_speed_vs_paper']:.2f}x per CPU-second")
         print(f"sepo vs (b) batched full logits: {ratios['speed_vs_batched']:.2f}x tokens/s (target >= 1.5x), "
@@ -271,6 +297,7 @@ def main() -> int:
               f"{selection['select_in_memory_s']:.2f} s in memory, {selection['sepo_select_end_to_end_s']:.2f} s "
               "for `sepo select` end to end (read, select, write) (target < 10 s)")
         report = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "threads": args.threads,
+                  "matmul_peaks": peaks,
                   "rounds": runs,
                   "pairs": args.pairs, "batch_pairs": BATCH_PAIRS, "scorers": results, "ratios": ratios,
                   "selection": selection}

@@ -23,6 +23,8 @@ Tokens/s: non-pad input tokens (prompt + response, chosen + rejected) per second
 (after one warm-up step): the CPU is shared, and the least-disturbed step is the most repeatable figure. Peak memory: each measurement runs in its own process; after the model, batch and warm-up step the
 kernel's peak-RSS counter is reset (/proc/self/clear_refs) and the figure is the peak RSS (VmHWM) during the timed
 steps minus the RSS before them, so every byte torch allocates on CPU counts.
+Roofline: each case's model FLOPs per step (benchmarks/roofline.py) over its fastest step, as a share of the matmul
+peak measured at the start of the run with the workers' thread count.
 Targets (issue 4) at vocab >= 50k are against TRL: sepo >= 2x TRL SimPO's and >= 4x TRL DPO's tokens/s with <= 0.5x
 TRL DPO's peak memory; dpo with the cached reference >= 1.5x TRL DPO with precompute_ref_log_probs=True. With TRL
 installed the run ends with those ratios (met / missed); without it the tables report ours vs naive only.
@@ -119,7 +121,8 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
         step, step_tokens, tmp = trl_step(model, config, batch, loss, path, optimizer)
         try:
             return _measure(step, step_tokens, steps) | {"vocab": vocab, "loss": loss, "path": path,
-                                                         "threads": torch.get_num_threads()}
+                                                         "threads": torch.get_num_threads(),
+                                                         "flops": step_flops(config, batch, loss, path)}
         finally:
             tmp.cleanup()
     ref = None
@@ -148,7 +151,27 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step_tokens = tokens if loss != "sft" or path == "naive" else int(_chosen_only(batch).attention_mask.sum())
-    return _measure(step, step_tokens, steps) | {"vocab": vocab, "loss": loss, "path": path}
+    return _measure(step, step_tokens, steps) | {"vocab": vocab, "loss": loss, "path": path,
+                                                 "flops": step_flops(config, batch, loss, path)}
+
+
+def step_flops(config, batch, loss: str, path: str) -> int:
+    """Model FLOPs of one step as the path computes it (benchmarks/roofline.py): 3x the policy's forward, plus 1x a
+    reference forward run in the step. ours: LM head at the response positions the loss reads (sepo: the selected
+    ones); naive and TRL: at every position (TRL's rows are counted like the naive ones)."""
+    from roofline import Shape, Work, batch_work
+    from sepo.core.objectives import needs_reference
+
+    shape = Shape.of(config)
+    b = _chosen_only(batch) if loss == "sft" and path == "ours" else batch
+    every = int(b.attention_mask.sum())
+    if path == "ours":
+        heads = b.response_mask & (b.token_weights.bool() if loss == "sepo" else True)
+        policy, ref = batch_work(b, int(heads.sum())), batch_work(b) if loss == "tdpo" else Work()
+    else:
+        policy = batch_work(b, every)
+        ref = policy if (path == "naive" and needs_reference(loss)) or (loss, path) == ("dpo", "trl") else Work()
+    return 3 * policy.flops(shape) + ref.flops(shape)
 
 
 def _measure(step, step_tokens: int, steps: int) -> dict:
@@ -184,7 +207,7 @@ def _word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>"), words
 
 
-def trl_step(model, config, batch, loss: str, path: str, optimizer):
+def trl_step(model, config, batch, loss: str, path: str, optimizer, *, ref_model=None, args_overrides=None):
     """TRL's step on the same model and the same 4 pairs: the trainer's own `training_step` (its collated batch, its
     loss, its forward and backward), then optimizer.step() and zero_grad(), as its training loop does per step.
 
@@ -196,7 +219,8 @@ def trl_step(model, config, batch, loss: str, path: str, optimizer):
     no truncation; the same AdamW as ours, passed through `optimizers=`. The reference of path "trl" is a second
     model in memory (TRL's default, ref_model=None, would load a copy of the policy from its hub id / folder, which an
     in-memory random model has not; the cost is the same); "trl_precomputed" precomputes the reference log-probs with
-    the initial policy in the trainer's __init__ (untimed, like our cached reference) and keeps no reference model."""
+    the initial policy in the trainer's __init__ (untimed, like our cached reference) and keeps no reference model.
+    ``ref_model`` and ``args_overrides`` (e.g. ``use_cpu=False, bf16=True``) serve benchmarks/gpu_check.py."""
     import tempfile
 
     from datasets import Dataset
@@ -214,6 +238,7 @@ def trl_step(model, config, batch, loss: str, path: str, optimizer):
     common = dict(output_dir=tmp.name, per_device_train_batch_size=b, bf16=False, use_cpu=True,
                   gradient_checkpointing=False, learning_rate=1e-4, report_to="none", logging_strategy="no",
                   save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    common.update(args_overrides or {})
     if loss == "simpo" and path == "trl":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -225,7 +250,7 @@ def trl_step(model, config, batch, loss: str, path: str, optimizer):
 
         precompute = path == "trl_precomputed"
         args = DPOConfig(max_length=None, precompute_ref_log_probs=precompute, **common)
-        ref = None if precompute else AutoModelForCausalLM.from_config(config)
+        ref = None if precompute else ref_model if ref_model is not None else AutoModelForCausalLM.from_config(config)
         trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_dict(rows),
                              processing_class=tok, optimizers=(optimizer, None))
     else:
@@ -335,7 +360,16 @@ def main() -> None:
         print(json.dumps(worker(int(vocab), loss, path, args.steps, args.threads)))
         return
 
+    import torch
+
+    from roofline import Shape, describe, describe_peaks, measure_peaks, roofline
+    from sepo.testing import tiny_config
+
     version = trl_version()
+    torch.set_num_threads(args.threads)  # the peak with the workers' thread count
+    peaks = {v: measure_peaks(Shape.of(tiny_config("llama", "small", int(v)))) for v in args.vocabs.split(",")}
+    for v, p in peaks.items():
+        print(f"vocab {v}: {describe_peaks(p)}")
     results = []
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for loss, path in CASES + (TRL_CASES if version else []):
@@ -345,22 +379,26 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"worker {vocab}:{loss}:{path} failed:\n{proc.stderr[-3000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r.update(roofline(r["flops"], r["seconds_per_step"], peaks[str(vocab)]))
             results.append(r)
             print(f"vocab {vocab:>6} {loss:>6} {path:>15}: {r['tokens_per_s']:8.0f} tok/s  peak "
-                  f"{r['peak_mib']:7.1f} MiB", flush=True)
+                  f"{r['peak_mib']:7.1f} MiB  {describe(r)}", flush=True)
 
-    print("\n| vocab | loss | ours tok/s | naive tok/s | speed-up | ours peak MiB | naive peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| vocab | loss | ours tok/s | naive tok/s | speed-up | ours peak MiB | naive peak MiB | memory ratio | "
+          "ours FLOP/s (% of peak) | naive FLOP/s (% of peak) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r["vocab"], r["loss"], r["path"]): r for r in results}
     for vocab in sorted({r["vocab"] for r in results}):
         for loss in dict.fromkeys(loss for loss, _ in CASES):
             ours, naive = by.get((vocab, loss, "ours")), by.get((vocab, loss, "naive"))
             if naive is None:
-                print(f"| {vocab} | {loss} | {ours['tokens_per_s']:.0f} | - | - | {ours['peak_mib']:.0f} | - | - |")
+                print(f"| {vocab} | {loss} | {ours['tokens_per_s']:.0f} | - | - | {ours['peak_mib']:.0f} | - | - | "
+                      f"{describe(ours)} | - |")
                 continue
             print(f"| {vocab} | {loss} | {ours['tokens_per_s']:.0f} | {naive['tokens_per_s']:.0f} | "
                   f"{ours['tokens_per_s'] / naive['tokens_per_s']:.2f}x | {ours['peak_mib']:.0f} | "
-                  f"{naive['peak_mib']:.0f} | {ours['peak_mib'] / max(naive['peak_mib'], 1e-9):.2f}x |")
+                  f"{naive['peak_mib']:.0f} | {ours['peak_mib'] / max(naive['peak_mib'], 1e-9):.2f}x | "
+                  f"{describe(ours)} | {describe(naive)} |")
     if version:
         print_trl_tables(results, version)
     else:

@@ -235,8 +235,14 @@ def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_
                        full_logits: bool = False) -> torch.Tensor:
     """Per-token log-probs (N, R) fp32 of ``batch.response_ids`` where ``mask`` (default: every response
     token) is True, 0 elsewhere. ``full_logits=True`` forces the plain path (FSDP). ``chunk_size`` None: the
-    device's default (``sepo.core.logprobs.default_chunk_size``)."""
+    device's default (``sepo.core.logprobs.default_chunk_size``). A batch carrying its packed layout
+    (``batch.shared``, sepo.data.shared_prefix) computes each prompt once where the model supports it."""
     mask = batch.response_mask if mask is None else mask & batch.response_mask
+    if batch.shared is not None:
+        from sepo.prefix_sharing import prefix_sharing_supported, shared_response_log_probs
+
+        if prefix_sharing_supported(model, full_logits=full_logits):
+            return shared_response_log_probs(model, batch, mask, chunk_size=chunk_size, full_logits=full_logits)
     if full_logits or not selective_head_supported(model):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         return full_logits_log_probs(logits, batch.prompt_lengths, batch.response_ids, mask)
@@ -246,6 +252,11 @@ def response_log_probs(model, batch, mask: torch.Tensor | None = None, *, chunk_
 
 def response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int | None = None):
     """Policy log-probs, reference log-probs and per-token KL(pi_ref || pi_theta), each (N, R) fp32 (TDPO)."""
+    if batch.shared is not None:
+        from sepo.prefix_sharing import prefix_sharing_supported, shared_response_log_probs_and_kl
+
+        if prefix_sharing_supported(model) and prefix_sharing_supported(ref_model):
+            return shared_response_log_probs_and_kl(model, ref_model, batch, chunk_size=chunk_size)
     hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
     with torch.no_grad():
         ref_hidden = final_hidden_states(ref_model, batch.input_ids, batch.attention_mask)

@@ -26,6 +26,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "mlp": 128},
     "small": {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "mlp": 256},
     "base": {"hidden": 256, "layers": 6, "heads": 8, "kv_heads": 4, "mlp": 704},
+    "medium": {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 4, "mlp": 1408},  # body-dominated (benchmarks)
 }
 ARCHITECTURES = ("llama", "qwen2", "gpt_neox")
 

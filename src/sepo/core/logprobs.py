@@ -33,9 +33,14 @@ def response_positions(prompt_lengths: torch.Tensor, num_response_slots: int) ->
     return prompt_lengths[:, None] - 1 + offsets[None, :]  # (N, R)
 
 
-def gather_hidden(hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Hidden states at ``positions[mask]``.  hidden (N, T, H), positions/mask (N, R) -> (M, H), M = mask.sum()"""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(positions)  # (N, R)
+def gather_hidden(hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states at ``positions[mask]``, grid row n reading sequence ``rows[n]`` (default: sequence n; prefix
+    sharing reads both sides of a pair from one packed row).  hidden (S, T, H), positions/mask (N, R), rows (N,)
+    -> (M, H), M = mask.sum()"""
+    if rows is None:
+        rows = torch.arange(positions.shape[0], device=hidden.device)
+    rows = rows[:, None].expand_as(positions)  # (N, R)
     return hidden[rows[mask], positions[mask]]  # (M, H)
 
 
@@ -107,8 +112,23 @@ def selective_log_probs(
     response_ids, mask (N, R). Returns (N, R) float32.
     """
     positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
-    rows = gather_hidden(hidden, positions, mask)  # (M, H)
-    logps = rows_log_probs(head, rows, response_ids[mask], chunk_size)  # (M,)
+    return selective_log_probs_at(hidden, head, positions, response_ids, mask, chunk_size)
+
+
+def selective_log_probs_at(
+    hidden: torch.Tensor,
+    head: Head,
+    positions: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``selective_log_probs`` with the reading positions given: grid token (n, i) is scored from the hidden state
+    of sequence ``rows[n]`` (default n) at ``positions[n, i]``.  hidden (S, T, H); positions, response_ids, mask
+    (N, R); rows (N,) -> (N, R) float32, 0 off-mask."""
+    hidden_rows = gather_hidden(hidden, positions, mask, rows)  # (M, H)
+    logps = rows_log_probs(head, hidden_rows, response_ids[mask], chunk_size)  # (M,)
     out = torch.zeros(response_ids.shape, dtype=torch.float32, device=hidden.device)
     return out.masked_scatter(mask, logps)  # (N, R)
 
@@ -118,8 +138,18 @@ def full_logits_log_probs(
 ) -> torch.Tensor:
     """The same quantity from materialised full logits (N, T, V): the plain way, used as a fallback
     (e.g. under FSDP, where sub-modules cannot be called on their own) and as the benchmark baseline."""
-    positions = response_positions(prompt_lengths, response_ids.shape[1]).clamp(0, logits.shape[1] - 1)  # (N, R)
-    picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))  # (N, R, V)
+    positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
+    return full_logits_log_probs_at(logits, positions, response_ids, mask)
+
+
+def full_logits_log_probs_at(logits: torch.Tensor, positions: torch.Tensor, response_ids: torch.Tensor,
+                             mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``full_logits_log_probs`` with the reading positions (and rows, see ``selective_log_probs_at``) given.
+    logits (S, T, V); positions, response_ids, mask (N, R); rows (N,) -> (N, R) float32, 0 off-mask."""
+    if rows is None:
+        rows = torch.arange(positions.shape[0], device=logits.device)
+    positions = positions.clamp(0, logits.shape[1] - 1)  # (N, R); clamped entries are off the mask
+    picked = logits[rows[:, None], positions]  # (N, R, V): only the rows' reading positions, never (N, T, V)
     logps = torch.log_softmax(picked.float(), dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)  # (N, R)
     return logps.masked_fill(~mask, 0.0)
 
@@ -144,16 +174,33 @@ def selective_log_probs_and_kl(
     """Policy log-probs, reference log-probs and the per-token sequential KL ``KL(pi_ref(.|x,y<t) || pi_theta(.|x,y<t))``
     (TDPO needs the reference's full distribution at every response position). Each (N, R) fp32, 0 off-mask."""
     positions = response_positions(prompt_lengths, response_ids.shape[1])  # (N, R)
-    rows, ref_rows = gather_hidden(hidden, positions, mask), gather_hidden(ref_hidden, positions, mask)  # (M, H)
+    return selective_log_probs_and_kl_at(hidden, head, ref_hidden, ref_head, positions, response_ids, mask,
+                                         chunk_size)
+
+
+def selective_log_probs_and_kl_at(
+    hidden: torch.Tensor,
+    head: Head,
+    ref_hidden: torch.Tensor,
+    ref_head: Head,
+    positions: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``selective_log_probs_and_kl`` with the reading positions (and rows, see ``selective_log_probs_at``) given;
+    the policy and the reference read the same positions of their own hidden states."""
+    h, ref_h = gather_hidden(hidden, positions, mask, rows), gather_hidden(ref_hidden, positions, mask, rows)  # (M, H)
     targets = response_ids[mask]  # (M,)
     chunk_size = chunk_size or default_chunk_size(hidden.device)
-    grad = torch.is_grad_enabled() and rows.requires_grad
+    grad = torch.is_grad_enabled() and h.requires_grad
     parts = []
-    for s in range(0, rows.shape[0], chunk_size):
-        args = (head, ref_head, rows[s : s + chunk_size], ref_rows[s : s + chunk_size], targets[s : s + chunk_size])
+    for s in range(0, h.shape[0], chunk_size):
+        args = (head, ref_head, h[s : s + chunk_size], ref_h[s : s + chunk_size], targets[s : s + chunk_size])
         parts.append(checkpoint(_chunk_logps_and_kl, *args, use_reentrant=False) if grad else _chunk_logps_and_kl(*args))
     outs = []
     for k in range(3):
-        flat = torch.cat([p[k] for p in parts]) if parts else rows.new_zeros(0, dtype=torch.float32)
+        flat = torch.cat([p[k] for p in parts]) if parts else h.new_zeros(0, dtype=torch.float32)
         outs.append(torch.zeros(response_ids.shape, dtype=torch.float32, device=hidden.device).masked_scatter(mask, flat))
     return outs[0], outs[1], outs[2]

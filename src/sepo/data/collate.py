@@ -11,8 +11,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sepo.data.shared_prefix import SharedPrefix
 
 
 @dataclass
@@ -30,6 +34,7 @@ class PairBatch:
     # (B,) float: 1 = the pair counts, 0 = a copy that only pads the last global batch (sepo.data.loader)
     pair_weights: torch.Tensor | None = None
     step_pairs: int | None = None  # pairs that count in this batch's whole optimizer step, over every process
+    shared: SharedPrefix | None = None  # the same pairs packed one row each (sepo.data.shared_prefix), or None
 
     @property
     def num_pairs(self) -> int:
@@ -39,7 +44,7 @@ class PairBatch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if hasattr(v, "to") else v  # tensors, packed layout
         return PairBatch(**moved)
 
     def split(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
