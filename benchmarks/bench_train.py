@@ -105,7 +105,8 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sepo.core.losses import LOSSES, needs_reference
+    from sepo.core.losses import LOSSES
+    from sepo.core.objectives import needs_reference
     from sepo.stages.train import TrainConfig, compute_loss, micro_batch_loss, micro_batch_stats
     from sepo.testing import tiny_config
 
@@ -159,7 +160,7 @@ def step_flops(config, batch, loss: str, path: str) -> int:
     reference forward run in the step. ours: LM head at the response positions the loss reads (sepo: the selected
     ones); naive and TRL: at every position (TRL's rows are counted like the naive ones)."""
     from roofline import Shape, Work, batch_work
-    from sepo.core.losses import needs_reference
+    from sepo.core.objectives import needs_reference
 
     shape = Shape.of(config)
     b = _chosen_only(batch) if loss == "sft" and path == "ours" else batch

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "score": ("sepo.stages.score", "ScoreConfig", "run", "token-level rewards r_t = beta*(log pi_oracle - log pi_ref) for every response token"),
     "select": ("sepo.stages.select", "SelectConfig", "run", "choose key tokens (ratio / threshold / mass), optionally in another tokenizer"),
     "inspect": ("sepo.stages.inspect", "InspectConfig", "run", "reward statistics, concentration curve and an HTML view of selected tokens"),
-    "train": ("sepo.stages.train", "TrainConfig", "run", "one accelerate loop: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo"),
+    "train": ("sepo.stages.train", "TrainConfig", "run", "one accelerate loop: sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo, sepo and the token-level losses"),
     "eval": ("sepo.stages.evaluate", "EvalConfig", "run", "preference accuracy, generation, reward, win rate and KL against a reference"),
     "pipeline": ("sepo.stages.pipeline", "PipelineConfig", "run", "sft -> oracle -> score -> select -> train -> eval from one YAML, resumable"),
     "sweep": ("sepo.stages.sweep", "SweepConfig", "run", "reward-KL frontiers of methods x strengths x seeds, compared at matched KL with CIs"),

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from sepo.core.logprobs import full_logits_log_probs, selective_log_probs, selective_log_probs_and_kl
+from sepo.core.logprobs import (
+    full_logits_log_probs,
+    response_positions,
+    selective_log_probs,
+    selective_log_probs_and_kl,
+)
 from sepo.errors import SepoError
 from sepo.hub import hub_hint, hub_kwargs
 
@@ -306,6 +311,25 @@ def response_log_probs_and_kl(model, ref_model, batch, *, chunk_size: int | None
         ref_hidden = final_hidden_states(ref_model, batch.input_ids, batch.attention_mask)
     return selective_log_probs_and_kl(hidden, output_head(model), ref_hidden, output_head(ref_model),
                                       batch.prompt_lengths, batch.response_ids, batch.response_mask, chunk_size)
+
+
+def response_log_probs_kl_and_states(model, ref_model, batch, *, chunk_size: int | None = None):
+    """``response_log_probs_and_kl`` plus the reference's hidden states of every layer (embeddings excluded) at the
+    positions that read the response tokens (``P + i - 1`` for response token i, as the log-probs): a list of one
+    (N, R, H) tensor per layer, 0 on padding, from the same reference forward. SparsePO's token masks are computed
+    from them (``sepo.core.token_masks``)."""
+    hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)
+    with torch.no_grad():
+        out = ref_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True,
+                        logits_to_keep=1, use_cache=False)
+    logps, ref_logps, kl = selective_log_probs_and_kl(hidden, output_head(model), out.hidden_states[-1],
+                                                      output_head(ref_model), batch.prompt_lengths, batch.response_ids,
+                                                      batch.response_mask, chunk_size)
+    positions = response_positions(batch.prompt_lengths, batch.response_ids.shape[1])  # (N, R)
+    index = positions.clamp(0, batch.input_ids.shape[1] - 1)[..., None]  # (N, R, 1)
+    padding = ~batch.response_mask[..., None]  # (N, R, 1)
+    states = [h.gather(1, index.expand(-1, -1, h.shape[-1])).masked_fill(padding, 0.0) for h in out.hidden_states[1:]]
+    return logps, ref_logps, kl, states
 
 
 def check_same_vocabulary(tok_a, tok_b, name_a: str, name_b: str) -> None:

@@ -37,7 +37,7 @@ def config(tmp_path, task_pairs, **kw) -> PipelineConfig:
     train, held_out = task_pairs
     values = {"output": str(tmp_path / "run"), "data": str(train), "eval_data": str(held_out),
               "methods": {"sepo": {"loss": "sepo"}, "sepo_random": {"loss": "sepo", "selection": "random"},
-                          "dpo": {"loss": "dpo"}},
+                          "dpo": {"loss": "dpo"}, "sepo_kl": {"loss": "sepo_kl", "anchor_weight": 0.5}},
               "reward": "sepo.tasks.sentiment:gold_reward_batch", "oracle": dict(TRAIN), "train": dict(TRAIN),
               "eval": {"max_new_tokens": 6, "num_prompts": 4}, **kw}
     from sepo.config import from_dict
@@ -64,7 +64,7 @@ def test_pipeline_runs_every_stage_and_resumes_after_a_crash(tmp_path, task_pair
     assert results["stages_skipped"] == ["data", "oracle", "score"]  # finished stages are not redone
     assert "select" in results["stages_run"] and "train:sepo" in results["stages_run"]
     assert (run / "oracle" / "config.json").stat().st_mtime == oracle_mtime
-    assert set(results["methods"]) == {"reference", "sepo", "sepo_random", "dpo"}
+    assert set(results["methods"]) == {"reference", "sepo", "sepo_random", "dpo", "sepo_kl"}
     for m in results["methods"].values():
         assert {"gold_reward", "win_rate", "kl", "pref_accuracy", "token_fraction"} <= set(m)
     ref = results["methods"]["reference"]
@@ -73,6 +73,10 @@ def test_pipeline_runs_every_stage_and_resumes_after_a_crash(tmp_path, task_pair
     assert 0 < results["methods"]["sepo"]["token_fraction"] < 0.5
     assert results["methods"]["sepo_random"]["token_fraction"] == results["methods"]["sepo"]["token_fraction"]
     assert results["methods"]["dpo"]["pref_metric"] == "implicit" and results["methods"]["sepo"]["pref_metric"] == "logprob"
+    # a token-level loss that reads the selection trains on it without being told (and is compared with the reference)
+    assert results["methods"]["sepo_kl"]["selection"] == "oracle" and results["methods"]["sepo_kl"]["pref_metric"] == \
+        "implicit"
+    assert json.loads((run / "policy-sepo_kl" / "sepo_metadata.json").read_text())["source"] == str(run / "selected")
     assert json.loads((run / "results.json").read_text())["methods"] == results["methods"]
     assert "| sepo_random |" in (run / "results.md").read_text()
 
@@ -87,7 +91,15 @@ def test_pipeline_runs_every_stage_and_resumes_after_a_crash(tmp_path, task_pair
 
     # changed eval settings: only the evals run again
     changed = pipeline.run(config(tmp_path, task_pairs, eval={"max_new_tokens": 5, "num_prompts": 4}))
-    assert changed["stages_run"] == ["eval:reference", "eval:sepo", "eval:sepo_random", "eval:dpo"]
+    assert changed["stages_run"] == ["eval:reference", "eval:sepo", "eval:sepo_random", "eval:dpo", "eval:sepo_kl"]
+
+
+def test_a_method_trains_on_the_selected_folder_when_its_loss_reads_a_selection_or_token_rewards(tmp_path, task_pairs):
+    specs = pipeline.method_specs(config(tmp_path, task_pairs, methods={
+        name: {} for name in ("sepo", "sepo_dpo", "sepo_nll", "tgdpo", "dpo", "sdpo", "sparsepo", "tdpo")}))
+    assert {name: m["selection"] for name, m in specs.items()} == {
+        "sepo": "oracle", "sepo_dpo": "oracle", "sepo_nll": "oracle", "tgdpo": "oracle", "dpo": "none", "sdpo": "none",
+        "sparsepo": "none", "tdpo": "none"}
 
 
 def test_a_changed_stage_reruns_everything_downstream_of_it(tmp_path):

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.testing import assert_close
 from transformers import AutoConfig
 
-from sepo.core.losses import LOSSES, is_reference_free, needs_reference, needs_reference_model
+from sepo.core.objectives import ALL_LOSSES, is_reference_free, needs_reference_logps, needs_reference_model
 from sepo.errors import DataError, SepoError
 from sepo.io import METADATA_FILE, save_dataset
 from sepo.stages import train
@@ -36,8 +37,9 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy(micro, tmp_path_factory):
-    """12 story pairs with a random ~half selection (>= 1 token per response), ordered so that the untrained model
-    prefers the REJECTED response (higher token-mean log-prob): every loss has something to learn."""
+    """12 story pairs with a random ~half selection (>= 1 token per response; the boolean masks of a folder selected
+    before soft weights existed) and random token rewards in [-1, 1] (scored with beta 0.1), ordered so that the
+    untrained model prefers the REJECTED response (higher token-mean log-prob): every loss has something to learn."""
     from transformers import AutoTokenizer
 
     from sepo.data.collate import collate_pairs
@@ -59,13 +61,15 @@ def toy(micro, tmp_path_factory):
         for side in ("chosen", "rejected"):
             n = len(row[f"{side}_input_ids"])
             row[f"{side}_mask"] = [j == 0 or rng.random() < 0.5 for j in range(n)]
+            row[f"{side}_rewards"] = [rng.uniform(-1, 1) for _ in range(n)]
     import datasets
 
     ds = datasets.Dataset.from_list(rows)
     from sepo.models import tokenizer_fingerprint
 
     return save_dataset(ds, tmp_path_factory.mktemp("toy") / "pairs",
-                        {"stage": "select", "num_rows": len(ds), "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+                        {"stage": "select", "num_rows": len(ds), "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                         "beta": 0.1})
 
 
 def cfg(micro, toy, out, **kw) -> TrainConfig:
@@ -78,7 +82,7 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("loss", list(ALL_LOSSES))
 def test_every_loss_learns_the_toy_set_and_only_the_policy_changes(loss, micro, toy, tmp_path, monkeypatch):
     import sepo.models
 
@@ -108,11 +112,11 @@ def test_every_loss_learns_the_toy_set_and_only_the_policy_changes(loss, micro, 
     # the policy changed; the reference (loaded only by reference losses) did not
     before, after = load_file(str(micro / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    if needs_reference(loss) and not needs_reference_model(loss):
+    if needs_reference_logps(loss) and not needs_reference_model(loss):
         assert list((toy.parent / "pairs.ref-logps").iterdir()), "reference log-probs are cached beside the data"
     if is_reference_free(loss):
         assert not frozen, "a reference-free loss loaded a reference"
-    assert frozen or loss != "tdpo"  # tdpo keeps its reference in memory
+    assert frozen or not needs_reference_model(loss)  # tdpo, sepo_kl, sparsepo keep their reference in memory
     for model, snapshot in frozen:
         assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
     assert json.loads((out / METADATA_FILE).read_text())["stage"] == "train"
@@ -228,19 +232,31 @@ def test_bad_input_fails_clearly_and_writes_nothing(micro, toy, tmp_path):
     ("rpo", {"alpha": 0.25}, {"alpha": 0.25}),
     ("tdpo", {"tdpo_variant": 1, "alpha": 0.3, "beta": 0.2}, {"variant": 1, "alpha": 0.3, "beta": 0.2}),
     ("sepo", {"gamma": 2.5, "sepo_normalize": "length"}, {"gamma": 2.5, "normalize": "length"}),
+    ("ipo", {"ipo_length_normalize": True}, {"length_normalize": True}),
+    ("rrhf", {"rrhf_sft_reduction": "sum"}, {"sft_reduction": "sum"}),
+    ("sepo_dpo", {"gamma": 2.0, "beta": 0.2, "anchor_weight": 0.5, "anchor_tokens": "unselected"},
+     {"gamma": 2.0, "beta": 0.2, "anchor_weight": 0.5, "anchor_tokens": "unselected"}),
+    ("sepo_kl", {"anchor_weight": 0.3, "anchor_tokens": "all"}, {"anchor_weight": 0.3, "anchor_tokens": "all"}),
+    ("sepo_logratio", {"gamma": 1.5, "anchor_weight": 2.0}, {"gamma": 1.5, "anchor_weight": 2.0}),
+    ("sepo_nll", {"alpha": 0.5}, {"alpha": 0.5}),
+    ("sepo_margin", {"margin": 0.2}, {"margin": 0.2}),
+    ("tgdpo", {"beta": 0.1, "alpha": 0.2}, {"beta": 0.1, "alpha": 0.2}),
+    ("sparsepo", {"beta": 0.2, "sparsepo_l1_reward": 0.01, "sparsepo_l1_kl": 0.02},
+     {"beta": 0.2, "l1_reward": 0.01, "l1_kl": 0.02}),
+    ("sdpo", {"sdpo_quantile": 0.3, "label_smoothing": 0.1}, {"quantile": 0.3, "label_smoothing": 0.1}),
 ])
 def test_every_loss_hyper_parameter_reaches_the_loss(loss, settings, received, micro, toy, tmp_path, monkeypatch):
     """No silent knob: each TrainConfig hyper-parameter arrives at the loss function as its keyword, on every call."""
     import functools
 
-    real, calls = LOSSES[loss], []
+    real, calls = ALL_LOSSES[loss], []
 
     @functools.wraps(real)  # keeps the signature loss_kwargs inspects
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(LOSSES, loss, recording)
+    monkeypatch.setitem(ALL_LOSSES, loss, recording)
     train.run(cfg(micro, toy, tmp_path / loss, loss=loss, max_steps=2, **settings))
     assert len(calls) == 2 and all({k: c[k] for k in received if k in c} == received for c in calls)
 
@@ -253,6 +269,165 @@ def test_hyper_parameter_values_a_loss_cannot_use_fail_at_config_time():
         with pytest.raises(ConfigError, match=next(k for k in bad if k != "loss")):
             TrainConfig(model="m", data="d", **bad)
     TrainConfig(model="m", data="d", loss="simpo", gamma=0.0)  # a zero target margin is plain SimPO
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"loss": "sepo_kl", "use_selection": True}, "use_selection has no effect on loss 'sepo_kl'.*reads the selection"),
+    ({"loss": "tgdpo", "use_selection": False}, "use_selection has no effect on loss 'tgdpo'"),
+    ({"loss": "dpo", "sparsepo_mask": "learned"}, "sparsepo_mask=learned has no effect on loss 'dpo'"),
+    ({"loss": "sdpo", "sparsepo_mask_weight_decay": 0.1}, "sparsepo_mask_weight_decay=0.1 has no effect on loss"),
+    ({"loss": "sparsepo", "sparsepo_mask": "activation", "sparsepo_l1_reward": 0.1}, "activation mask is fixed"),
+    ({"loss": "sparsepo", "sparsepo_mask": "activation", "sparsepo_mask_dropout": 0.1}, "activation mask is fixed"),
+    ({"loss": "dpo", "anchor_weight": 0.5}, "anchor_weight=0.5 has no effect on loss 'dpo'"),
+    ({"loss": "sepo_nll", "anchor_tokens": "all"}, "anchor_tokens=all has no effect on loss 'sepo_nll'"),
+    ({"loss": "sdpo", "margin": 0.1}, "margin=0.1 has no effect on loss 'sdpo'"),
+    ({"loss": "dpo", "sdpo_quantile": 0.5}, "sdpo_quantile=0.5 has no effect on loss 'dpo'"),
+    ({"loss": "ipo", "rrhf_sft_reduction": "sum"}, "rrhf_sft_reduction=sum has no effect on loss 'ipo'"),
+    ({"loss": "sepo_dpo", "gamma": 0.0}, "gamma scales sepo_dpo's reward and must be > 0"),
+    ({"loss": "sepo_margin", "gamma": -1.0}, "gamma scales sepo_margin's reward"),
+    ({"loss": "sepo_kl", "anchor_weight": -1.0}, "anchor_weight must be >= 0"),
+    ({"loss": "sepo_margin", "margin": -0.1}, "margin must be >= 0"),
+    ({"loss": "sdpo", "sdpo_quantile": 1.5}, r"sdpo_quantile must be in \[0, 1\]"),
+    ({"loss": "sparsepo", "sparsepo_mask_dropout": 1.0}, r"sparsepo_mask_dropout must be in \[0, 1\)"),
+    ({"loss": "sparsepo", "sparsepo_l1_kl": -0.1}, "sparsepo_l1_kl must be >= 0"),
+    ({"loss": "tgdpo", "alpha": -0.5}, "alpha must be >= 0"),
+])
+def test_token_loss_settings_that_reach_nothing_or_cannot_work_fail_at_config_time(settings, message):
+    from sepo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(model="m", data="d", **settings)
+
+
+def _recording(monkeypatch, loss: str) -> list[dict]:
+    """Every call of loss ``loss`` during training: its four positional arguments (by name) and its keywords."""
+    import functools
+
+    real, calls = ALL_LOSSES[loss], []
+
+    @functools.wraps(real)
+    def recording(*args, **kwargs):
+        calls.append({**dict(zip(("chosen_logps", "rejected_logps", "chosen_weights", "rejected_weights"), args)),
+                      **kwargs})
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(ALL_LOSSES, loss, recording)
+    return calls
+
+
+def _ramp(n: int) -> list[float]:
+    """Soft weights (j + 1) / (n + 1) of an n-token response: none 0 or 1, so they cannot pass for a mask."""
+    return [(j + 1) / (n + 1) for j in range(n)]
+
+
+def _assert_ramp(grid: torch.Tensor, response: torch.Tensor) -> None:
+    for values, real in zip(grid, response):
+        n = int((real > 0).sum())
+        assert_close(values[:n], torch.tensor(_ramp(n)))
+        assert not values[n:].any()
+
+
+def test_soft_selection_weights_reach_the_losses_and_masks_remain_a_fallback(micro, toy, tmp_path, monkeypatch):
+    """A `sepo select` folder with soft ``*_weights``: the SePO variants get them as their selection (their own
+    weights stay the whole response) and sepo trains on them as its weights; a folder with only the boolean masks
+    (selected before the weights existed) gives its masks. An all-zero soft selection is refused, naming its row."""
+    soft = _variant(toy, tmp_path / "soft", lambda r, i: {f"{side}_weights": _ramp(len(r[f"{side}_input_ids"]))
+                                                          for side in ("chosen", "rejected")})
+    calls = _recording(monkeypatch, "sepo_dpo")
+    train.run(cfg(micro, soft, tmp_path / "a", loss="sepo_dpo", max_steps=1))
+    (call,) = calls
+    _assert_ramp(call["chosen_selection"], call["chosen_weights"])
+    _assert_ramp(call["rejected_selection"], call["rejected_weights"])
+    assert set(call["chosen_weights"].unique().tolist()) == {0.0, 1.0}  # the whole response
+
+    calls = _recording(monkeypatch, "sepo")
+    train.run(cfg(micro, soft, tmp_path / "b", loss="sepo", max_steps=1))
+    _assert_ramp(calls[0]["chosen_weights"], calls[0]["chosen_weights"])
+
+    calls = _recording(monkeypatch, "sepo_kl")
+    train.run(cfg(micro, toy, tmp_path / "c", loss="sepo_kl", max_steps=1))
+    assert set(calls[0]["chosen_selection"].unique().tolist()) == {0.0, 1.0}  # the masks, as 0/1
+    assert calls[0]["chosen_selection"].sum() < calls[0]["chosen_weights"].sum()
+
+    empty = _variant(soft, tmp_path / "empty", lambda r, i: {"rejected_weights": [0.0] * len(r["rejected_weights"])}
+                     if i == 5 else {})
+    with pytest.raises(DataError, match="row 6, field 'rejected_weights': no token of the rejected response is "
+                                        "selected"):
+        train.run(cfg(micro, empty, tmp_path / "d", loss="sepo_kl"))
+    assert not (tmp_path / "d").exists()
+
+
+def test_tgdpo_reads_the_token_rewards_and_says_when_they_are_missing(micro, toy, tmp_path, monkeypatch, caplog):
+    from sepo.io import load_dataset_dir
+
+    ds, meta = load_dataset_dir(toy)
+    calls = _recording(monkeypatch, "tgdpo")
+    train.run(cfg(micro, toy, tmp_path / "a", loss="tgdpo", max_steps=1))
+    rewards = calls[0]["chosen_token_rewards"]  # (B, R): the rows' chosen_rewards, in batch order
+    assert sorted(round(float(r[0]), 5) for r in rewards) == sorted(round(r[0], 5) for r in ds["chosen_rewards"])
+
+    unscored = save_dataset(ds.remove_columns(["chosen_rewards", "rejected_rewards"]), tmp_path / "unscored", meta)
+    with pytest.raises(SepoError, match=r"has no token rewards \(chosen_rewards, rejected_rewards\).*run `sepo score`"):
+        train.run(cfg(micro, unscored, tmp_path / "b", loss="tgdpo"))
+    broken = _variant(toy, tmp_path / "nan", lambda r, i: {"rejected_rewards": [float("nan")] * len(r["rejected_rewards"])}
+                      if i == 2 else {})
+    with pytest.raises(DataError, match="row 3, field 'rejected_rewards': a non-finite token reward"):
+        train.run(cfg(micro, broken, tmp_path / "c", loss="tgdpo"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    with caplog.at_level("WARNING"):  # the toy was "scored" with beta 0.1
+        train.run(cfg(micro, toy, tmp_path / "d", loss="tgdpo", beta=0.3, max_steps=1))
+    assert "scored with beta=0.1 but tgdpo trains with beta=0.3" in caplog.text
+
+
+def test_sparsepo_activation_masks_are_fixed_and_in_the_unit_interval(micro, toy, tmp_path, monkeypatch):
+    """MaPO's masks come from the reference's activations: no gradient, 1 at each response's most active token, 0 on
+    padding, the same for a row at every step, and nothing to save."""
+    calls = _recording(monkeypatch, "sparsepo")
+    out = tmp_path / "activation"
+    train.run(cfg(micro, toy, out, loss="sparsepo", sparsepo_mask="activation", max_steps=2))
+    for call in calls:
+        mask, real = call["chosen_reward_mask"], call["chosen_weights"] > 0
+        assert not mask.requires_grad and "chosen_kl_mask" not in call
+        assert float(mask.min()) >= 0 and float(mask[real].max()) == 1.0 and not mask[~real].any()
+    # both steps see the same 12 rows in the same (length-sorted) order: the policy moved, the masks did not
+    assert not torch.equal(calls[0]["chosen_logps"], calls[1]["chosen_logps"])
+    assert_close(calls[0]["chosen_reward_mask"], calls[1]["chosen_reward_mask"])
+    assert not (out / "sparsepo_masks.safetensors").exists()
+
+
+def test_sparsepo_learned_masks_train_are_saved_and_resume_bitwise(micro, toy, tmp_path, caplog):
+    """Independent reward and KL masks with dropout: the heads are in the checkpoint (model_1.safetensors, beside the
+    policy's model.safetensors) and in the final folder; a run resumed from step 2 ends with exactly the policy,
+    masks and loss of the uninterrupted one. The masks learned (they changed after step 2)."""
+    import shutil
+
+    from sepo.core.token_masks import MASKS_FILE, load_sparse_masks
+
+    args = {"loss": "sparsepo", "sparsepo_mask": "learned_independent", "sparsepo_l1_reward": 0.01,
+            "sparsepo_mask_dropout": 0.2, "batch_size": 4, "max_steps": 4, "save_steps": 2, "save_total_limit": None,
+            "lr_scheduler": "cosine", "warmup_ratio": 0.25}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = train.run(cfg(micro, toy, tmp_path / "straight", **args))
+        shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+        with caplog.at_level("INFO"):
+            resumed = train.run(cfg(micro, toy, tmp_path / "resumed", resume=True, **args))
+    finally:
+        torch.set_num_threads(threads)
+    assert "checkpoint-2 (step 2 of 4)" in caplog.text  # it resumed (a fresh start would end the same way)
+    checkpoint = tmp_path / "straight" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "model_1.safetensors").is_file()
+    assert resumed.metrics["final_loss"] == straight.metrics["final_loss"]
+    for name in ("model.safetensors", MASKS_FILE):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    final, at_step_2 = load_file(str(tmp_path / "resumed" / MASKS_FILE)), load_file(str(checkpoint / "model_1.safetensors"))
+    assert final.keys() == at_step_2.keys() and any(not torch.equal(final[k], at_step_2[k]) for k in final)
+    masks = load_sparse_masks(tmp_path / "resumed" / MASKS_FILE)
+    assert masks.kl is not None and masks.settings["dropout"] == 0.2 and not masks.training
+    meta = json.loads((tmp_path / "resumed" / METADATA_FILE).read_text())
+    assert meta["sparsepo_masks"] == MASKS_FILE
 
 
 def _nomask(toy: Path, tmp_path: Path) -> Path:

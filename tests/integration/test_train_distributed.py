@@ -41,7 +41,7 @@ def micro(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pairs13(micro, tmp_path_factory):
-    """13 story pairs with a seeded ~half selection (>= 1 token per response)."""
+    """13 story pairs with a seeded ~half selection (>= 1 token per response) and seeded token rewards."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -54,8 +54,10 @@ def pairs13(micro, tmp_path_factory):
     for row in rows:
         for side in ("chosen", "rejected"):
             row[f"{side}_mask"] = [j == 0 or rng.random() < 0.5 for j in range(len(row[f"{side}_input_ids"]))]
+            row[f"{side}_rewards"] = [rng.uniform(-1, 1) for _ in row[f"{side}_input_ids"]]
     return save_dataset(datasets.Dataset.from_list(rows), tmp_path_factory.mktemp("pairs13") / "pairs",
-                        {"stage": "select", "num_rows": 13, "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
+                        {"stage": "select", "num_rows": 13, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+                         "beta": 0.1})
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +124,20 @@ def assert_same_training(one: Path, two: Path, micro: Path) -> None:
     assert len(a) == 5 and a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a), (a, b)
 
 
+# beyond sepo and dpo: a token-level loss on the reference cache (tgdpo, with token rewards) and one with the reference
+# in memory and a second trained module (sparsepo's learned masks; no mask dropout, whose random numbers would differ
+# between 1 and 2 processes)
+EXTRA = {"sepo": {}, "dpo": {}, "tgdpo": {}, "sparsepo": {"sparsepo_mask_dropout": 0.0, "sparsepo_l1_reward": 0.01}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["sepo", "dpo"])
+@pytest.mark.parametrize("loss", list(EXTRA))
 def test_two_processes_train_like_one_at_the_same_global_batch(loss, micro, pairs13, tmp_path, runs, monkeypatch):
-    data = pairs13
+    data, settings = pairs13, {**SETTINGS, **EXTRA[loss]}
     if loss == "dpo":  # a fresh copy: the 2-process run computes the reference cache, sharded over its processes
         data = tmp_path / "pairs"
         shutil.copytree(pairs13, data)
-    done = launch(micro, data, tmp_path / "two", loss=loss, batch_size=4, **SETTINGS)
+    done = launch(micro, data, tmp_path / "two", loss=loss, batch_size=4, **settings)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((tmp_path / "two" / "sepo_metadata.json").read_text())
     assert meta["num_processes"] == 2 and meta["steps"] == 4
@@ -141,10 +149,13 @@ def test_two_processes_train_like_one_at_the_same_global_batch(loss, micro, pair
 
         real, loaded = sepo.models.load_causal_lm, []
         monkeypatch.setattr(sepo.models, "load_causal_lm", lambda *a, **k: loaded.append(k) or real(*a, **k))
-    one_process(micro, data, tmp_path / "one", loss=loss, batch_size=8, **SETTINGS)
+    one_process(micro, data, tmp_path / "one", loss=loss, batch_size=8, **settings)
     if loss == "dpo":
         assert all(k.get("trainable", True) for k in loaded)  # the cache was reused: no reference loaded
     assert_same_training(tmp_path / "one", tmp_path / "two", micro)
+    if loss == "sparsepo":  # the masks were trained in step on both processes too
+        one, two = (load_file(str(tmp_path / run / "sparsepo_masks.safetensors")) for run in ("one", "two"))
+        assert one.keys() == two.keys() and max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-5
     runs[f"two-{loss}"] = tmp_path / "two"
 
 

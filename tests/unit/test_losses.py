@@ -18,7 +18,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sepo.core.losses import LOSSES, is_reference_free, needs_reference, needs_reference_model
+from sepo.core.losses import LOSSES
+from sepo.core.objectives import (
+    ALL_LOSSES,
+    is_reference_free,
+    needs_reference,
+    needs_reference_logps,
+    needs_reference_model,
+    reads_selection,
+    reads_token_rewards,
+)
 from sepo.errors import ConfigError, SepoError
 
 
@@ -205,6 +214,15 @@ def test_each_loss_says_what_reference_it_needs():
     assert [n for n in LOSSES if needs_reference(n)] == ["dpo", "ipo", "rdpo", "rpo", "tdpo"]
     assert [n for n in LOSSES if needs_reference_model(n)] == ["tdpo"]
     assert [n for n in LOSSES if is_reference_free(n)] == ["sft", "simpo", "rrhf", "sepo"]
+    # the token-level losses: sepo_kl and sparsepo read the reference's whole distribution only (no cached log-probs
+    # of their own, but a reference all the same); sepo_nll and sepo_margin never read one
+    tokens = [n for n in ALL_LOSSES if n not in LOSSES]
+    assert [n for n in tokens if needs_reference_logps(n)] == ["sepo_dpo", "sepo_logratio", "tgdpo", "sparsepo", "sdpo"]
+    assert [n for n in tokens if needs_reference_model(n)] == ["sepo_kl", "sparsepo"]
+    assert [n for n in tokens if is_reference_free(n)] == ["sepo_nll", "sepo_margin"]
+    assert [n for n in ALL_LOSSES if reads_selection(n)] == ["sepo", "sepo_dpo", "sepo_kl", "sepo_logratio", "sepo_nll",
+                                                              "sepo_margin"]
+    assert [n for n in ALL_LOSSES if reads_token_rewards(n)] == ["tgdpo"]
 
 
 def test_metric_sums_weight_each_pair(pair):

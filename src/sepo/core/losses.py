@@ -14,10 +14,10 @@ sequential KL. Hyper-parameters are keyword-only with the source paper's default
 Each returns a :class:`LossOutput`: per-pair ``losses`` (B,), the implicit ``chosen_rewards`` and
 ``rejected_rewards`` (B,, detached), and from them ``accuracies`` and ``margins``.
 
-``LOSSES`` maps a name to its function. What a loss consumes is read off its signature, so each loss says it
-once: ``needs_reference(name)`` (it takes ``ref_chosen_logps``: cached reference log-probs),
-``needs_reference_model(name)`` (it takes ``chosen_kl``: the reference's full distribution, kept in memory) and
-``is_reference_free(name)``.
+``LOSSES`` maps a name to its function; ``sepo.core.objectives.ALL_LOSSES`` adds the token-level losses of
+``sepo.core.token_losses``. What a loss consumes is read off its signature (``signature_inputs``), so each loss
+says it once; ``sepo.core.objectives`` answers the loop's questions from it (``needs_reference``,
+``needs_reference_model``, ``is_reference_free``, ...).
 
 Precondition: every response has at least one counted token (a weight > 0). ``sepo train`` checks it once, when it
 loads the data (``sepo.stages.train_data.check_pairs``); the losses do not check it per call (that would read a
@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from sepo.errors import SepoError
 
-__all__ = ["LOSSES", "METRICS", "LossOutput", "is_reference_free", "needs_reference", "needs_reference_model",
-           "sequence_logps"]
+__all__ = ["INPUT_KEYWORDS", "LOSSES", "METRICS", "LossOutput", "sequence_logps", "signature_inputs"]
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")  # LossOutput.metric_sums
 
 
@@ -321,17 +320,13 @@ LOSSES = {
 }
 
 
-def needs_reference(name: str) -> bool:
-    """Whether loss ``name`` compares the policy with a reference (it takes ``ref_chosen_logps``)."""
-    return "ref_chosen_logps" in inspect.signature(LOSSES[name]).parameters
+# what a loss may read beyond the policy log-probs and the weights -> the keyword (of its chosen half) it takes it by
+INPUT_KEYWORDS = {"ref_logps": "ref_chosen_logps", "kl": "chosen_kl", "selection": "chosen_selection",
+                  "token_rewards": "chosen_token_rewards", "token_masks": "chosen_reward_mask",
+                  "lengths": "chosen_lengths"}
 
 
-def needs_reference_model(name: str) -> bool:
-    """Whether loss ``name`` needs the reference's whole distribution at every position (it takes ``chosen_kl``),
-    so the reference stays in memory instead of being replaced by cached log-probs."""
-    return "chosen_kl" in inspect.signature(LOSSES[name]).parameters
-
-
-def is_reference_free(name: str) -> bool:
-    """Whether loss ``name`` never reads a reference model (as torchtune's ``is_reference_free``)."""
-    return not needs_reference(name)
+def signature_inputs(fn) -> frozenset[str]:
+    """The keys of INPUT_KEYWORDS that loss function ``fn`` takes: what it reads, said once, in its signature."""
+    params = inspect.signature(fn).parameters
+    return frozenset(need for need, keyword in INPUT_KEYWORDS.items() if keyword in params)

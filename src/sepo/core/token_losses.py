@@ -30,7 +30,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sepo.core.losses import LossOutput, _dpo_logits, _mean_logps, _require_reference, sequence_logps
+from sepo.core.losses import (
+    LossOutput,
+    _dpo_logits,
+    _mean_logps,
+    _require_reference,
+    sequence_logps,
+    signature_inputs,
+)
 from sepo.errors import SepoError
 
 __all__ = ["TOKEN_LOSSES", "TOKEN_LOSS_INPUTS", "row_quantile", "sdpo_loss", "sepo_dpo_loss", "sepo_kl_loss",
@@ -322,19 +329,11 @@ TOKEN_LOSSES = {
     "sparsepo": sparsepo_loss,
     "sdpo": sdpo_loss,
 }
-# What each loss reads beyond the policy log-probs over the whole response:
-#   ref_logps      the cached reference log-probs (5th/6th arguments)
+# What each loss reads beyond the policy log-probs over the whole response, read off its signature
+# (sepo.core.losses.INPUT_KEYWORDS):
+#   ref_logps      the reference log-probs of the observed tokens (5th/6th arguments)
 #   kl             per-position KL(pi_ref || pi_theta): the reference's full distribution, so the model in memory
 #   selection      ``sepo select``'s chosen/rejected mask or weights, as chosen_selection / rejected_selection
 #   token_rewards  ``sepo score``'s chosen_rewards / rejected_rewards, as chosen_token_rewards / ...
 #   token_masks    SparsePO's masks (sepo.core.token_masks), as chosen_reward_mask / ... (and *_kl_mask)
-TOKEN_LOSS_INPUTS = {
-    "sepo_dpo": frozenset({"selection", "ref_logps"}),
-    "sepo_kl": frozenset({"selection", "kl"}),
-    "sepo_logratio": frozenset({"selection", "ref_logps"}),
-    "sepo_nll": frozenset({"selection"}),
-    "sepo_margin": frozenset({"selection"}),
-    "tgdpo": frozenset({"ref_logps", "token_rewards"}),
-    "sparsepo": frozenset({"ref_logps", "kl", "token_masks"}),
-    "sdpo": frozenset({"ref_logps"}),
-}
+TOKEN_LOSS_INPUTS = {name: signature_inputs(fn) for name, fn in TOKEN_LOSSES.items()}

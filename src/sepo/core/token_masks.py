@@ -6,19 +6,22 @@ read, see ``sepo.core.logprobs``):
 - ``activation_token_mask``: fixed, no parameters (the paper's model-activation mask, MaPO). It depends on the
   reference and the data only, so it can be computed once, like the reference log-probs.
 - ``SparseMaskHead``: learned with the policy (the paper's learnable mask, ``mask_model="simple_all"``), a small
-  module over every layer's hidden states, saved beside the policy.
+  module over every layer's hidden states; ``SparseMasks`` holds one (a common mask) or two (independent reward and
+  KL masks), saved beside the policy by ``save_sparse_masks`` (safetensors) and read back by ``load_sparse_masks``.
 
 Both are checked against the authors' code (huawei-noah/HEBO, SparsePO/) in tests/unit/test_token_masks.py.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["SparseMaskHead", "activation_token_mask"]
+__all__ = ["MASKS_FILE", "SparseMaskHead", "SparseMasks", "activation_token_mask", "load_sparse_masks",
+           "save_sparse_masks"]
 
 
 def activation_token_mask(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -77,3 +80,46 @@ class SparseMaskHead(nn.Module):
         per_layer = [self.dropout(torch.relu(unit(self.layer_norm(x)))) for unit, x in zip(self.per_layer, hidden_states)]
         mixed = self.mixer(torch.cat(per_layer, dim=-1))  # (N, R, 1)
         return self.dropout(torch.relu(mixed)).squeeze(-1)
+
+
+class SparseMasks(nn.Module):
+    """The learned masks of one SparsePO run: one ``SparseMaskHead`` gives the common mask (m^u = m^d, the
+    authors' default), two give independent reward and KL masks (their ``rw_kl_independent``). Saved by
+    ``save_sparse_masks`` beside the trained policy.
+
+    forward: one (N, R, H) tensor per layer -> (reward mask (N, R), KL mask (N, R) or None for the common mask)
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, *, independent: bool = False, dropout: float = 0.01):
+        super().__init__()
+        self.settings = {"hidden_size": hidden_size, "num_layers": num_layers, "independent": independent,
+                         "dropout": dropout}
+        self.reward = SparseMaskHead(hidden_size, num_layers, dropout=dropout)
+        self.kl = SparseMaskHead(hidden_size, num_layers, dropout=dropout) if independent else None
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.reward(hidden_states), None if self.kl is None else self.kl(hidden_states)
+
+
+MASKS_FILE = "sparsepo_masks.safetensors"  # beside the policy trained with learned SparsePO masks
+
+
+def save_sparse_masks(masks: SparseMasks, path) -> None:
+    """The heads' weights as safetensors, their settings in its metadata (nothing pickled)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in masks.state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in masks.settings.items()})
+
+
+def load_sparse_masks(path) -> SparseMasks:
+    """The masks ``save_sparse_masks`` wrote (``<policy folder>/sparsepo_masks.safetensors``), in eval mode."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        settings = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    masks = SparseMasks(settings["hidden_size"], settings["num_layers"], independent=settings["independent"],
+                        dropout=settings["dropout"])
+    masks.load_state_dict(load_file(str(path)))
+    return masks.eval()

@@ -29,6 +29,7 @@ class PairBatch:
     index: torch.Tensor  # (B,) long: dataset row of each pair (error messages, shard merging)
     token_weights: torch.Tensor | None = None  # (N, R) float: SePO selection (1 = key token), None = all tokens
     ref_logps: torch.Tensor | None = None  # (N, R) float32: cached reference log-probs, None when not cached
+    token_rewards: torch.Tensor | None = None  # (N, R) float32: `sepo score`'s r_t (tgdpo), None when not read
     include_rejected: bool = True
     # (B,) float: 1 = the pair counts, 0 = a copy that only pads the last global batch (sepo.data.loader)
     pair_weights: torch.Tensor | None = None
@@ -71,11 +72,13 @@ def collate_pairs(
     ref_columns: tuple[str, str] | None = None,
     pair_weights: Sequence[float] | None = None,
     step_pairs: int | None = None,
+    reward_columns: tuple[str, str] | None = None,
 ) -> PairBatch:
     """Rows with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (response ids only) and
-    an ``index`` -> PairBatch. ``weight_columns`` e.g. ("chosen_mask", "rejected_mask") from ``sepo select``;
-    ``ref_columns`` e.g. ("chosen_ref_logps", "rejected_ref_logps") from the reference cache; ``pair_weights`` and
-    ``step_pairs`` from the training loader (``sepo.data.loader``)."""
+    an ``index`` -> PairBatch. ``weight_columns`` e.g. ("chosen_weights", "rejected_weights") from ``sepo select``;
+    ``ref_columns`` e.g. ("chosen_ref_logps", "rejected_ref_logps") from the reference cache; ``reward_columns``
+    e.g. ("chosen_rewards", "rejected_rewards") from ``sepo score``; ``pair_weights`` and ``step_pairs`` from the
+    training loader (``sepo.data.loader``)."""
     sides = ["chosen", "rejected"] if include_rejected else ["chosen"]
     prompts, responses = [], []
     for side in sides:
@@ -103,6 +106,7 @@ def collate_pairs(
         index=torch.tensor([int(r.get("index", i)) for i, r in enumerate(rows)], dtype=torch.long),
         token_weights=grid(weight_columns, torch.float32),
         ref_logps=grid(ref_columns, torch.float32),
+        token_rewards=grid(reward_columns, torch.float32),
         include_rejected=include_rejected,
         pair_weights=None if pair_weights is None else torch.tensor(list(pair_weights), dtype=torch.float32),
         step_pairs=step_pairs,

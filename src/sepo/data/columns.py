@@ -16,3 +16,9 @@ REF_LOGPS_COLUMNS = ("chosen_ref_logps", "rejected_ref_logps")  # `sepo train`'s
 # Per-token columns belong to one tokenization: re-tokenizing pairs drops them, since they would no longer line up
 # with the new ids.
 TOKEN_ALIGNED_COLUMNS = (*REWARD_COLUMNS, *SELECTION_COLUMNS, *REF_LOGPS_COLUMNS)
+
+
+def selection_columns(column_names) -> tuple[str, str]:
+    """The selection a training run reads from a `sepo select` folder: the per-token weights (0/1 for a hard
+    selection, in [0, 1] for a soft one) or, in a folder selected before the weights existed, the boolean masks."""
+    return SOFT_WEIGHT_COLUMNS if all(c in column_names for c in SOFT_WEIGHT_COLUMNS) else MASK_COLUMNS

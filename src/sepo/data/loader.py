@@ -123,12 +123,13 @@ class PairCollator:
     include_rejected: bool = True
     weight_columns: tuple[str, str] | None = None
     ref_columns: tuple[str, str] | None = None
+    reward_columns: tuple[str, str] | None = None
 
     def __call__(self, items: Sequence[tuple[dict, Draw]]) -> PairBatch:
         rows, draws = zip(*items)
         return collate_pairs(rows, self.pad_token_id, include_rejected=self.include_rejected,
                              weight_columns=self.weight_columns, ref_columns=self.ref_columns,
-                             pair_weights=[d.weight for d in draws], step_pairs=draws[0].step_pairs)
+                             reward_columns=self.reward_columns, pair_weights=[d.weight for d in draws], step_pairs=draws[0].step_pairs)
 
 
 def pair_loader(dataset: PairDataset, sampler: GlobalBatchSampler, collate: PairCollator, *,

@@ -36,7 +36,7 @@ from typing import Any
 
 from sepo import __version__
 from sepo.config import from_dict, option, to_dict
-from sepo.core.losses import is_reference_free
+from sepo.core.objectives import is_reference_free, reads_selection, reads_token_rewards
 from sepo.data.columns import MASK_COLUMNS, SOFT_WEIGHT_COLUMNS
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
@@ -153,7 +153,8 @@ def method_specs(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     out = {}
     for name, spec in cfg.methods.items():
         loss = spec.get("loss", name)
-        sel = spec.get("selection", "oracle" if loss == "sepo" else "none")
+        # a loss that reads the selection or the token rewards trains on the selected folder (it has both)
+        sel = spec.get("selection", "oracle" if reads_selection(loss) or reads_token_rewards(loss) else "none")
         out[name] = {"loss": loss, "selection": sel, "model": spec.get("model"),
                      "train": {k: v for k, v in spec.items() if k not in METHOD_KEYS}}
     return out

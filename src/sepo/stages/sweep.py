@@ -359,13 +359,15 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
 
 
 def _method_specs(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
+    from sepo.core.objectives import reads_selection, reads_token_rewards
+
     first = next(iter(cfg.variants))
     out = {}
     for name, spec in cfg.methods.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"methods.{name} must be a mapping (loss, selection, variant, train keys)")
         loss = spec.get("loss", name)
-        selection = spec.get("selection", "oracle" if loss == "sepo" else "none")
+        selection = spec.get("selection", "oracle" if reads_selection(loss) or reads_token_rewards(loss) else "none")
         if selection not in SELECTIONS:
             raise ConfigError(f"methods.{name}.selection must be one of {', '.join(SELECTIONS)}")
         if selection == "none" and "variant" in spec:
@@ -392,7 +394,7 @@ def _method_specs(cfg: SweepConfig) -> dict[str, dict[str, Any]]:
 def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) -> Plan:
     """Every variant and point, each config built and validated (nothing runs). ``num_eval_prompts`` is known
     once the held-out split exists; before, a placeholder stands in."""
-    from sepo.core.losses import is_reference_free
+    from sepo.core.objectives import is_reference_free
     from sepo.stages.pipeline import _build, stage_configs
     from sepo.stages.train import TrainConfig
 

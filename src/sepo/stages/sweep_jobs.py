@@ -54,7 +54,7 @@ def point_done(point) -> bool:
 
 def _cache_group(point) -> tuple | None:
     """Points whose training reads the same cached reference log-probs (computed by the first of them)."""
-    from sepo.core.losses import needs_reference, needs_reference_model
+    from sepo.core.objectives import needs_reference, needs_reference_model
 
     t = point.train
     if t is None or not needs_reference(t.loss) or needs_reference_model(t.loss):

@@ -1,4 +1,5 @@
-"""`sepo train`: one explicit accelerate loop for sft, dpo, ipo, rdpo, rpo, simpo, rrhf, tdpo and sepo.
+"""`sepo train`: one explicit accelerate loop for every loss of sepo.core.objectives.ALL_LOSSES -- sft, dpo, ipo, rdpo,
+rpo, simpo, rrhf, tdpo, sepo and the token-level ones (the SePO variants, tgdpo, sparsepo, sdpo).
 
     sepo train --config configs/train_sepo.yaml
     sepo train --model stories260k --data runs/selected --loss sepo --output runs/policy gamma=2
@@ -7,7 +8,9 @@
 
 ``run`` reads top to bottom, one named phase each: plan the output folder, load the pairs, plan the steps (the
 seeded global batches of sepo.data.loader), attach the reference log-probs, build the optimisation, resume, train,
-save. The loop talks to the device once per optimizer step (one all-reduce of the step's sums and one read-back for
+save. Each loss gets exactly the inputs its signature names (sepo.core.objectives.loss_inputs): cached reference
+log-probs, the reference in memory for a per-position KL, the selection, the token rewards, SparsePO's masks. The
+loop talks to the device once per optimizer step (one all-reduce of the step's sums and one read-back for
 the non-finite check); metrics stay tensors until they are logged.
 
 Output folder ``<output>``: the final model (save_pretrained, with its tokenizer; LoRA merged unless
@@ -33,8 +36,18 @@ import torch
 from sepo import __version__
 from sepo.config import option, to_dict, validate_choices
 from sepo.core.logprobs import default_chunk_size
-from sepo.core.losses import LOSSES, METRICS, LossOutput, needs_reference, needs_reference_model
-from sepo.data.columns import INDEX, MASK_COLUMNS, REF_LOGPS_COLUMNS, TOKEN_COLUMNS
+from sepo.core.losses import METRICS, LossOutput
+from sepo.core.objectives import (
+    ALL_LOSSES,
+    SELECTION_AS_WEIGHTS,
+    loss_inputs,
+    needs_reference,
+    needs_reference_logps,
+    needs_reference_model,
+    reads_token_rewards,
+)
+from sepo.core.token_losses import TOKEN_LOSSES
+from sepo.data.columns import INDEX, REF_LOGPS_COLUMNS, REWARD_COLUMNS, TOKEN_COLUMNS, selection_columns
 from sepo.data.loader import GlobalBatchSampler, PairCollator, pair_loader
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
@@ -44,7 +57,13 @@ from sepo.stages.train_output import RunFolder
 log = logging.getLogger(__name__)
 # config field -> loss keyword; None in the config = the loss's own default (see docs/losses.md)
 HYPER_PARAMETERS = {"beta": "beta", "gamma": "gamma", "label_smoothing": "label_smoothing", "alpha": "alpha",
-                    "tdpo_variant": "variant", "sepo_normalize": "normalize"}
+                    "tdpo_variant": "variant", "sepo_normalize": "normalize", "ipo_length_normalize": "length_normalize",
+                    "rrhf_sft_reduction": "sft_reduction", "anchor_weight": "anchor_weight",
+                    "anchor_tokens": "anchor_tokens", "margin": "margin", "sdpo_quantile": "quantile",
+                    "sparsepo_l1_reward": "l1_reward", "sparsepo_l1_kl": "l1_kl"}
+# SparsePO's learned masks: the authors' defaults (SparseConfig.mask_dropout, mask_weight_decay)
+MASK_DROPOUT, MASK_WEIGHT_DECAY = 0.01, 0.01
+LEARNED_MASKS = ("learned", "learned_independent")
 FAULT_ENV = "SEPO_FAULT_KILL_AFTER_STEP"  # fault injection for the kill-and-resume test: SIGKILL after step N
 # config keys that change nothing a checkpoint holds: a run may resume with other values of these
 NOT_IN_RUN_KEY = ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps", "num_workers")
@@ -56,14 +75,15 @@ PAIRS, TOKENS, NON_FINITE = STATS.index("pairs"), STATS.index("tokens"), STATS.i
 
 @dataclass
 class TrainConfig:
-    """Train a policy (or the SFT reference, or the DPO oracle) with one of the losses of sepo.core.losses."""
+    """Train a policy (or the SFT reference, or the DPO oracle) with one of the losses of docs/losses.md."""
 
     model: str | None = option(None, "model to start from: hub id, local folder or 'stories260k'")
     data: str | None = option(None, "pairs: a sepo dataset folder (`sepo select` output for sepo) or any source the "
                               "data layer reads")
     output: str = option("runs/train", "output folder: the final model, train_log.jsonl, checkpoints/")
-    loss: str = option("sepo", "training objective", choices=tuple(LOSSES))
-    reference: str | None = option(None, "reference model for dpo/ipo/rdpo/rpo/tdpo (none: the starting model)")
+    loss: str = option("sepo", "training objective (docs/losses.md)", choices=tuple(ALL_LOSSES))
+    reference: str | None = option(None, f"reference model of {', '.join(n for n in ALL_LOSSES if needs_reference(n))} "
+                                   "(none: the starting model)")
     eval_data: str | None = option(None, "held-out pairs evaluated every eval_steps (none: split eval_size off data)")
     eval_size: float = option(0, "share (< 1) or number (>= 1) of data rows held out for evaluation; 0: none",
                               unit="rows")
@@ -85,16 +105,41 @@ class TrainConfig:
     warmup_ratio: float = option(0.1, "share of the optimizer steps spent warming up linearly")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
     # ---- loss hyper-parameters: none = the loss's own default (docs/losses.md); setting one a loss ignores fails
-    beta: float | None = option(None, "beta: KL strength (dpo 0.1, ipo 0.1, rdpo 0.1, rpo 0.1, tdpo 0.1) or reward "
-                                "scale (simpo 2.0)")
-    gamma: float | None = option(None, "gamma: sepo reward scale (1.0) or simpo target margin (0.5)")
-    label_smoothing: float | None = option(None, "label-flip rate: cDPO (dpo, 0), rdpo (0.1), simpo (0)")
-    alpha: float | None = option(None, "alpha: NLL weight of rpo (1.0) and rrhf (1.0); KL weight of tdpo2 (0.5)")
+    beta: float | None = option(None, "beta: KL strength (dpo, ipo, rdpo, rpo, tdpo, sepo_dpo's anchor, tgdpo, "
+                                "sparsepo, sdpo: 0.1) or reward scale (simpo 2.0)")
+    gamma: float | None = option(None, "gamma: reward scale of sepo and the sepo_* losses (1.0); simpo's target "
+                                 "margin (0.5)")
+    label_smoothing: float | None = option(None, "label-flip rate: cDPO (dpo, 0), rdpo (0.1), simpo (0), sdpo (0)")
+    alpha: float | None = option(None, "alpha: NLL weight of rpo, rrhf and sepo_nll (1.0); KL weight of tdpo2 (0.5); "
+                                 "token-reward guidance of tgdpo (0.5)")
     tdpo_variant: int | None = option(None, "TDPO1 or TDPO2 (default 2)", choices=(None, 1, 2))
     sepo_normalize: str | None = option(None, "sepo: mean over selected tokens ('selected', default) or divide by "
                                         "the response length ('length')", choices=(None, "selected", "length"))
-    use_selection: bool | None = option(None, "train on the selected tokens only (chosen_mask/rejected_mask); none: "
-                                        "true for sepo, false otherwise")
+    ipo_length_normalize: bool | None = option(None, "ipo: divide each log-ratio by its response length (TRL's form); "
+                                               "default false, the paper's sums")
+    rrhf_sft_reduction: str | None = option(None, "rrhf: the fine-tuning NLL as a token mean ('mean', default) or the "
+                                            "paper's sum ('sum')", choices=(None, "mean", "sum"))
+    anchor_weight: float | None = option(None, "sepo_dpo, sepo_kl, sepo_logratio: weight lambda of the anchor to the "
+                                         "reference (1.0)")
+    anchor_tokens: str | None = option(None, "sepo_dpo, sepo_kl, sepo_logratio: tokens the anchor covers, 'all' "
+                                       "(sepo_dpo's default) or 'unselected' (the others')",
+                                       choices=(None, "all", "unselected"))
+    margin: float | None = option(None, "sepo_margin: target margin of SePO's reward, in its units (0.5)")
+    sdpo_quantile: float | None = option(None, "sdpo: per response, DPO keeps the tokens at or above this quantile of "
+                                         "the policy's distance from what the preference wants (0.6: ~40%)")
+    sparsepo_mask: str | None = option(None, "sparsepo's token masks: from the reference's activations ('activation', "
+                                       "MaPO) or learned with the policy ('learned': one common mask, default; "
+                                       "'learned_independent': separate reward and KL masks)",
+                                       choices=(None, "activation", *LEARNED_MASKS))
+    sparsepo_l1_reward: float | None = option(None, "sparsepo, learned masks: L1 weight lambda_u on the reward mask (0)")
+    sparsepo_l1_kl: float | None = option(None, "sparsepo, learned masks: L1 weight lambda_d on the KL mask (0)")
+    sparsepo_mask_dropout: float | None = option(None, f"sparsepo, learned masks: dropout in the mask heads "
+                                                 f"({MASK_DROPOUT}, the authors')")
+    sparsepo_mask_weight_decay: float | None = option(None, f"sparsepo, learned masks: AdamW weight decay of the mask "
+                                                      f"heads ({MASK_WEIGHT_DECAY}, the authors')")
+    use_selection: bool | None = option(None, "train on the selected tokens only (the selection's weights, or its "
+                                        "masks in older folders); none: true for sepo, false otherwise. The sepo_* "
+                                        "losses read the selection as their own input instead")
     # ---- model and precision
     dtype: str = option("float32", "dtype the weights are loaded in", choices=("auto", "float32", "bfloat16", "float16"))
     mixed_precision: str = option("no", "accelerate mixed precision (autocast)", choices=("no", "bf16", "fp16"))
@@ -138,12 +183,40 @@ class TrainConfig:
         if self.subset is not None and self.subset <= 0:
             raise ConfigError("subset must be > 0 (a share <= 1 or a row count)")
         loss_kwargs(self)  # a hyper-parameter the loss does not take is an error, not a silent knob
+        check_loop_settings(self)
         check_hyper_parameter_values(self)
 
 
 def trains_on_selection(cfg: TrainConfig) -> bool:
-    """Whether the loss counts only the selected tokens (chosen_mask / rejected_mask): use_selection, else sepo."""
-    return cfg.use_selection if cfg.use_selection is not None else cfg.loss == "sepo"
+    """Whether the loss counts only the selected tokens (its weights are the selection): use_selection, else sepo."""
+    return cfg.use_selection if cfg.use_selection is not None else cfg.loss in SELECTION_AS_WEIGHTS
+
+
+def needs_selection(cfg: TrainConfig) -> bool:
+    """Whether the run reads `sepo select`'s selection: as the loss's weights, or as its own input (sepo_*)."""
+    return trains_on_selection(cfg) or "selection" in loss_inputs(cfg.loss)
+
+
+def sparse_mask_kind(cfg: TrainConfig) -> str | None:
+    """SparsePO's masks: 'activation', 'learned' (the default) or 'learned_independent'; None for other losses."""
+    return (cfg.sparsepo_mask or "learned") if "token_masks" in loss_inputs(cfg.loss) else None
+
+
+def check_loop_settings(cfg: TrainConfig) -> None:
+    """Settings the loop (not the loss function) reads: each must reach something for the chosen loss."""
+    if cfg.use_selection is not None and cfg.loss in TOKEN_LOSSES:
+        raise ConfigError(f"use_selection has no effect on loss '{cfg.loss}': its weights are the whole response"
+                          f"{' and it reads the selection as its own input' if needs_selection(cfg) else ''}; unset it")
+    kind = sparse_mask_kind(cfg)
+    for name in ("sparsepo_mask", "sparsepo_mask_dropout", "sparsepo_mask_weight_decay"):
+        if getattr(cfg, name) is not None and kind is None:
+            raise ConfigError(f"{name}={getattr(cfg, name)} has no effect on loss '{cfg.loss}' (only sparsepo has "
+                              "token masks)")
+    if kind == "activation":
+        for name in ("sparsepo_l1_reward", "sparsepo_l1_kl", "sparsepo_mask_dropout", "sparsepo_mask_weight_decay"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"{name}={getattr(cfg, name)} has no effect with sparsepo_mask=activation (the "
+                                  "activation mask is fixed, nothing learns it); use sparsepo_mask=learned")
 
 
 def check_hyper_parameter_values(cfg: TrainConfig) -> None:
@@ -155,15 +228,22 @@ def check_hyper_parameter_values(cfg: TrainConfig) -> None:
         raise ConfigError(f"label_smoothing is a label-flip rate and must be in [0, 0.5) (got {cfg.label_smoothing})")
     if cfg.alpha is not None and cfg.alpha < 0:
         raise ConfigError(f"alpha must be >= 0 (got {cfg.alpha})")
-    if cfg.gamma is not None and cfg.loss == "sepo" and cfg.gamma <= 0:
-        raise ConfigError(f"gamma scales sepo's reward and must be > 0 (got {cfg.gamma})")
-    if cfg.gamma is not None and cfg.gamma < 0:
+    if cfg.gamma is not None and cfg.loss == "simpo" and cfg.gamma < 0:
         raise ConfigError(f"gamma is simpo's target margin and must be >= 0 (got {cfg.gamma})")
+    if cfg.gamma is not None and cfg.loss != "simpo" and cfg.gamma <= 0:
+        raise ConfigError(f"gamma scales {cfg.loss}'s reward and must be > 0 (got {cfg.gamma})")
+    for name in ("anchor_weight", "margin", "sparsepo_l1_reward", "sparsepo_l1_kl", "sparsepo_mask_weight_decay"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.sdpo_quantile is not None and not 0 <= cfg.sdpo_quantile <= 1:
+        raise ConfigError(f"sdpo_quantile must be in [0, 1] (got {cfg.sdpo_quantile})")
+    if cfg.sparsepo_mask_dropout is not None and not 0 <= cfg.sparsepo_mask_dropout < 1:
+        raise ConfigError(f"sparsepo_mask_dropout must be in [0, 1) (got {cfg.sparsepo_mask_dropout})")
 
 
 def loss_kwargs(cfg: TrainConfig) -> dict:
-    """The hyper-parameters set in ``cfg`` as keywords of ``LOSSES[cfg.loss]``; ConfigError for one it ignores."""
-    accepted = inspect.signature(LOSSES[cfg.loss]).parameters
+    """The hyper-parameters set in ``cfg`` as keywords of ``ALL_LOSSES[cfg.loss]``; ConfigError for one it ignores."""
+    accepted = inspect.signature(ALL_LOSSES[cfg.loss]).parameters
     out = {}
     for name, keyword in HYPER_PARAMETERS.items():
         value = getattr(cfg, name)
@@ -196,7 +276,7 @@ class TrainData:
 @dataclass
 class Optimisation:
     model: torch.nn.Module  # prepared by accelerate (DDP / FSDP / DeepSpeed wrapper)
-    ref_model: torch.nn.Module | None  # tdpo only: the reference kept in memory
+    ref_model: torch.nn.Module | None  # tdpo, sepo_kl, sparsepo: the reference kept in memory
     optimizer: object
     scheduler: object  # stepped by hand, once per optimizer step
     sampler: GlobalBatchSampler
@@ -204,37 +284,73 @@ class Optimisation:
     eval_loader: object | None
     hyper: dict  # the loss's keyword arguments
     full_logits: bool  # FSDP: the sharded LM head cannot be called outside the root forward
+    masks: torch.nn.Module | None = None  # sparsepo's learned masks (core.token_masks.SparseMasks), prepared
+
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        """The prepared modules the optimizer trains: the policy, and SparsePO's learned masks."""
+        return [self.model] if self.masks is None else [self.model, self.masks]
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.trained:
+            module.train(mode)
 
 
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def compute_loss(cfg: TrainConfig, model, ref_model, batch, hyper: dict, full_logits: bool = False) -> LossOutput:
-    """Policy log-probs of one PairBatch through the selective head (``full_logits``: the plain path, for FSDP),
-    then the loss.  All grids (N, R)."""
-    from sepo.models import response_log_probs, response_log_probs_and_kl
+def compute_loss(cfg: TrainConfig, model, ref_model, batch, hyper: dict, full_logits: bool = False,
+                 masks=None) -> LossOutput:
+    """Policy log-probs of one PairBatch through the selective head (``full_logits``: the plain path, for FSDP), then
+    the loss with every input its signature names (sepo.core.objectives.loss_inputs). ``masks``: SparsePO's learned
+    masks (None: the activation masks).  All grids (N, R)."""
+    from sepo.models import response_log_probs, response_log_probs_and_kl, response_log_probs_kl_and_states
 
-    fn = LOSSES[cfg.loss]
+    fn, inputs = ALL_LOSSES[cfg.loss], loss_inputs(cfg.loss)
     weights = batch.response_mask.float()  # (N, R)
     if trains_on_selection(cfg):
         weights = weights * batch.token_weights  # only the selected tokens count ...
     extra: dict = {}
-    if needs_reference_model(cfg.loss):
+    if "token_masks" in inputs:  # SparsePO: masks from the reference's hidden states of the KL's own forward
+        logps, ref_logps, kl, states = response_log_probs_kl_and_states(model, ref_model, batch,
+                                                                        chunk_size=cfg.chunk_size)
+        extra.update(sparse_masks(batch, states, masks))
+    elif "kl" in inputs:
         logps, ref_logps, kl = response_log_probs_and_kl(model, ref_model, batch, chunk_size=cfg.chunk_size)
-        extra["chosen_kl"], extra["rejected_kl"] = batch.split(kl)
     else:
         # ... and only they go through the LM head (for sepo ~30% of the response positions)
         logps = response_log_probs(model, batch, mask=weights.bool(), chunk_size=cfg.chunk_size,
                                    full_logits=full_logits)  # (N, R)
-        ref_logps = batch.ref_logps
-    if needs_reference(cfg.loss):
-        extra["ref_chosen_logps"], extra["ref_rejected_logps"] = batch.split(ref_logps)
-    if cfg.loss == "sepo":
-        extra["chosen_lengths"], extra["rejected_lengths"] = batch.split(batch.response_mask.sum(-1).float())
+        ref_logps, kl = batch.ref_logps, None
+    sides = {"kl": (kl, "chosen_kl", "rejected_kl"),
+             "ref_logps": (ref_logps, "ref_chosen_logps", "ref_rejected_logps"),
+             "selection": (batch.token_weights, "chosen_selection", "rejected_selection"),
+             "token_rewards": (batch.token_rewards, "chosen_token_rewards", "rejected_token_rewards"),
+             "lengths": (batch.response_mask.sum(-1).float(), "chosen_lengths", "rejected_lengths")}
+    for need, (grid, chosen, rejected) in sides.items():
+        if need in inputs:
+            extra[chosen], extra[rejected] = batch.split(grid)
     if not batch.include_rejected:  # sft trains on the chosen half only
         return fn(logps, None, weights, None, **hyper)
     (chosen_logps, rejected_logps), (chosen_w, rejected_w) = batch.split(logps), batch.split(weights)
     return fn(chosen_logps, rejected_logps, chosen_w, rejected_w, **extra, **hyper)
+
+
+def sparse_masks(batch, states: list, masks) -> dict:
+    """SparsePO's token masks (N, R) from the reference's hidden states at the response positions: the fixed
+    activation mask (``masks`` None), or the learned ones, whose gradient reaches the mask heads only (the reference's
+    states carry none). Computed every step from the reference forward the KL needs anyway, so nothing is cached."""
+    from sepo.core.token_masks import activation_token_mask
+
+    if masks is None:
+        with torch.no_grad():
+            reward, kl = activation_token_mask(states, batch.response_mask), None
+    else:
+        reward, kl = masks([s.float() for s in states])
+    out = dict(zip(("chosen_reward_mask", "rejected_reward_mask"), batch.split(reward)))
+    if kl is not None:
+        out.update(zip(("chosen_kl_mask", "rejected_kl_mask"), batch.split(kl)))
+    return out
 
 
 def micro_batch_loss(losses: torch.Tensor, pair_weights: torch.Tensor, step_pairs: int, num_processes: int,
@@ -256,17 +372,17 @@ def micro_batch_stats(out: LossOutput, batch, loss: torch.Tensor, dtype: torch.d
                       batch.attention_mask.sum().view(1).to(dtype), (~torch.isfinite(loss)).view(1).to(dtype)])
 
 
-def evaluate(cfg: TrainConfig, accelerator, model, ref_model, loader, hyper: dict, full_logits: bool = False) -> dict:
+def evaluate(cfg: TrainConfig, accelerator, opt: Optimisation) -> dict:
     """Mean loss, rewards, accuracy and margin over the held-out pairs (sharded over processes; one reduce)."""
-    model.eval()
+    opt.train(False)
     sums = torch.zeros(1 + len(METRICS), dtype=_stats_dtype(accelerator.device), device=accelerator.device)
     with torch.no_grad(), accelerator.autocast():
-        for batch in loader:
-            out = compute_loss(cfg, model, ref_model, batch, hyper, full_logits)
+        for batch in opt.eval_loader:
+            out = compute_loss(cfg, opt.model, opt.ref_model, batch, opt.hyper, opt.full_logits, opt.masks)
             w = batch.pair_weights
             sums += torch.cat([w.sum().view(1), out.metric_sums(w)]).to(sums.dtype)
     values = accelerator.reduce(sums, "sum").tolist()
-    model.train()
+    opt.train()
     return {f"eval/{k}": v / max(values[0], 1.0) for k, v in zip(METRICS, values[1:])}
 
 
@@ -315,10 +431,12 @@ def _load_data(cfg: TrainConfig, accelerator) -> TrainData:
     pairs = td.take_subset(pairs, cfg.subset, cfg.seed)
     if eval_pairs is None and cfg.eval_size:
         pairs, eval_pairs = td.split_eval(pairs, cfg.eval_size, cfg.seed)
-    selection = trains_on_selection(cfg)
-    td.check_pairs(pairs, cfg.data, needs_selection=selection)
+    selection, rewards = needs_selection(cfg), reads_token_rewards(cfg.loss)
+    td.check_pairs(pairs, cfg.data, needs_selection=selection, needs_token_rewards=rewards)
     if eval_pairs is not None:
-        td.check_pairs(eval_pairs, cfg.eval_data or cfg.data, needs_selection=selection)
+        td.check_pairs(eval_pairs, cfg.eval_data or cfg.data, needs_selection=selection, needs_token_rewards=rewards)
+    if rewards:
+        _check_scoring_beta(cfg, metadata)
     limit = context_limit(load_model_config(cfg.model))
     for part in (pairs, eval_pairs):
         if part is not None:
@@ -326,6 +444,17 @@ def _load_data(cfg: TrainConfig, accelerator) -> TrainData:
     if needs_reference(cfg.loss):
         check_same_vocabulary(load_tokenizer(cfg.reference or cfg.model), tokenizer, "reference", "policy")
     return TrainData(tokenizer, pairs, eval_pairs, metadata)
+
+
+def _check_scoring_beta(cfg: TrainConfig, metadata: dict) -> None:
+    """TGDPO's authors compute the token rewards with the policy's beta; a warning when the data was scored with
+    another (the rewards' scale, hence alpha's effect, then differs from theirs)."""
+    scored = metadata.get("beta")
+    trained = cfg.beta if cfg.beta is not None else inspect.signature(ALL_LOSSES[cfg.loss]).parameters["beta"].default
+    if scored is not None and abs(float(scored) - trained) > 1e-12 * max(1.0, abs(trained)):
+        log.warning("%s was scored with beta=%s but %s trains with beta=%s: the token rewards' scale differs from the "
+                    "authors' setting (score with the training beta to reproduce it; alpha scales the guidance)",
+                    cfg.data, scored, cfg.loss, trained)
 
 
 def _plan_steps(cfg: TrainConfig, accelerator, pairs) -> GlobalBatchSampler:
@@ -340,11 +469,12 @@ def _plan_steps(cfg: TrainConfig, accelerator, pairs) -> GlobalBatchSampler:
 def _attach_reference(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler,
                       folder: RunFolder) -> TrainData:
     """Cached reference log-probs of the rows the run draws (and of the eval rows), computed across the processes
-    where the cache lacks them; the reference is in memory only meanwhile. tdpo keeps its reference instead."""
+    where the cache lacks them; the reference is in memory only meanwhile. A loss that needs the reference's whole
+    distribution (tdpo, sepo_kl, sparsepo) keeps the reference in memory instead and reads its log-probs from it."""
     from sepo.models import load_causal_lm
     from sepo.stages import reference_cache as rc
 
-    if not needs_reference(cfg.loss) or needs_reference_model(cfg.loss):
+    if not needs_reference_logps(cfg.loss) or needs_reference_model(cfg.loss):
         return data
     reference = cfg.reference or cfg.model
     found = {}
@@ -366,22 +496,24 @@ def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: Glob
     from sepo.data.loader import PairDataset
     from sepo.data.rows import pair_lengths
 
-    selection = trains_on_selection(cfg)
-    columns = [*TOKEN_COLUMNS, INDEX, *(MASK_COLUMNS if selection else ())]
     refs = REF_LOGPS_COLUMNS if data.reference is not None else None
+    rewards = REWARD_COLUMNS if reads_token_rewards(cfg.loss) else None
 
-    def collator(include_rejected: bool) -> PairCollator:
-        return PairCollator(data.tokenizer.pad_token_id, include_rejected=include_rejected,
-                            weight_columns=MASK_COLUMNS if selection else None, ref_columns=refs)
+    def dataset_and_collator(pairs, joined, include_rejected: bool) -> tuple[PairDataset, PairCollator]:
+        selection = selection_columns(pairs.column_names) if needs_selection(cfg) else None  # per folder: eval may differ
+        columns = [*TOKEN_COLUMNS, INDEX, *(selection or ()), *(rewards or ())]
+        return PairDataset(pairs, columns, joined=joined), PairCollator(
+            data.tokenizer.pad_token_id, include_rejected=include_rejected, weight_columns=selection, ref_columns=refs,
+            reward_columns=rewards)
 
-    loader = pair_loader(PairDataset(data.pairs, columns, joined=data.reference), sampler,
-                         collator(cfg.loss != "sft"), num_workers=cfg.num_workers)
+    dataset, collate = dataset_and_collator(data.pairs, data.reference, cfg.loss != "sft")
+    loader = pair_loader(dataset, sampler, collate, num_workers=cfg.num_workers)
     if data.eval_pairs is None:
         return loader, None
     eval_sampler = GlobalBatchSampler(pair_lengths(data.eval_pairs), batch_size=cfg.batch_size,
                                       num_processes=accelerator.num_processes, shuffle=False)
-    return loader, pair_loader(PairDataset(data.eval_pairs, columns, joined=data.eval_reference), eval_sampler,
-                               collator(True), num_workers=cfg.num_workers)
+    dataset, collate = dataset_and_collator(data.eval_pairs, data.eval_reference, True)
+    return loader, pair_loader(dataset, eval_sampler, collate, num_workers=cfg.num_workers)
 
 
 def _fill_deepspeed_config(cfg: TrainConfig, plugin) -> None:
@@ -394,38 +526,66 @@ def _fill_deepspeed_config(cfg: TrainConfig, plugin) -> None:
         plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
 
 
+def _sparse_masks_module(cfg: TrainConfig, accelerator):
+    """SparsePO's learned masks (None for any other setting), sized by the reference whose hidden states they read."""
+    from accelerate.utils import DistributedType
+
+    from sepo.core.token_masks import SparseMasks
+    from sepo.models import load_model_config
+
+    kind = sparse_mask_kind(cfg)
+    if kind not in LEARNED_MASKS:
+        return None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("sparsepo's learned masks are a second trained module, and accelerate's DeepSpeed engine "
+                          "takes one model; use DDP, or sparsepo_mask=activation")
+    config = load_model_config(cfg.reference or cfg.model)
+    dropout = cfg.sparsepo_mask_dropout if cfg.sparsepo_mask_dropout is not None else MASK_DROPOUT
+    return SparseMasks(config.hidden_size, config.num_hidden_layers, independent=kind == "learned_independent",
+                       dropout=dropout).train()
+
+
 def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
-    """Policy (LoRA optional), AdamW, the schedule, the loaders; all but the schedule prepared by accelerate."""
+    """Policy (LoRA optional), SparsePO's learned masks, AdamW, the schedule, the loaders; all but the schedule
+    prepared by accelerate."""
     from accelerate.utils import DistributedType
     from transformers import get_scheduler
 
     from sepo.models import LoraSettings, load_causal_lm, selective_head_supported
 
+    full_logits = accelerator.distributed_type == DistributedType.FSDP
+    if needs_reference_model(cfg.loss) and full_logits:
+        raise ConfigError(f"{cfg.loss} is not supported under FSDP (it calls both LM heads directly); use DDP or "
+                          "DeepSpeed")
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if cfg.lora else None
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    masks = _sparse_masks_module(cfg, accelerator)
+    if masks is not None:  # their own group, with the authors' weight decay, on the policy's schedule
+        groups.append({"params": list(masks.parameters()), "weight_decay": cfg.sparsepo_mask_weight_decay
+                       if cfg.sparsepo_mask_weight_decay is not None else MASK_WEIGHT_DECAY})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
                               num_training_steps=sampler.num_steps)
     loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fill_deepspeed_config(cfg, accelerator.state.deepspeed_plugin)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if masks is None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:  # a second prepared model: synchronised like the policy, and in the checkpoint (model_1.safetensors)
+        model, masks, optimizer, loader = accelerator.prepare(model, masks, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    full_logits = accelerator.distributed_type == DistributedType.FSDP
     ref_model = None
-    if needs_reference_model(cfg.loss):  # tdpo needs the reference's whole distribution at every position
-        if full_logits:
-            raise ConfigError("tdpo is not supported under FSDP (it calls both LM heads directly); use DDP or DeepSpeed")
+    if needs_reference_model(cfg.loss):  # the reference's whole distribution at every position: kept in memory
         ref_model = load_causal_lm(cfg.reference or cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     if not full_logits:  # the one-off selective-head probe runs a forward: do it now, in eval mode (no dropout),
         model.eval()  # so it draws no random numbers after a resumed run restores the RNG
         selective_head_supported(model)
         model.train()
     return Optimisation(model, ref_model, optimizer, scheduler, sampler, loader, eval_loader, loss_kwargs(cfg),
-                        full_logits)
+                        full_logits, masks)
 
 
 def _resume_or_start(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder) -> tuple[int, dict]:
@@ -525,9 +685,9 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
                      if cfg.loss == "sft" else set())
     step_sums, checks, totals = torch.zeros(len(STATS), dtype=dtype, device=accelerator.device), [], None
     for batch in loader:
-        with accelerator.accumulate(opt.model):
+        with accelerator.accumulate(*opt.trained):
             with accelerator.autocast():
-                out = compute_loss(cfg, opt.model, opt.ref_model, batch, opt.hyper, opt.full_logits)
+                out = compute_loss(cfg, opt.model, opt.ref_model, batch, opt.hyper, opt.full_logits, opt.masks)
             loss = micro_batch_loss(out.losses, batch.pair_weights, batch.step_pairs, num_processes, accumulation)
             step_sums += micro_batch_stats(out, batch, loss.detach(), dtype)
             checks.append((loss.detach(), batch.index))
@@ -538,7 +698,8 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
                 if totals[NON_FINITE] > 0:  # the step's one read-back, before the optimizer touches the weights
                     raise _non_finite_error(step + 1, checks, folder, accelerator)
                 if cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(opt.model.parameters(), cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_([p for m in opt.trained for p in m.parameters()],
+                                                            cfg.max_grad_norm)
             opt.optimizer.step()
             opt.optimizer.zero_grad()
         if not accelerator.sync_gradients:
@@ -552,8 +713,7 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
             metrics = window.read(lr=opt.scheduler.get_last_lr()[0], epoch=step / opt.sampler.steps_per_epoch)
             record(step, metrics)
         if opt.eval_loader is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
-            record(step, evaluate(cfg, accelerator, opt.model, opt.ref_model, opt.eval_loader, opt.hyper,
-                                  opt.full_logits))
+            record(step, evaluate(cfg, accelerator, opt))
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(accelerator, folder.work, {"step": step, "run_key": folder.run_key, "metrics": metrics,
                                                        "global_batch": opt.sampler.global_batch,
@@ -566,14 +726,15 @@ def _train(cfg: TrainConfig, accelerator, opt: Optimisation, folder: RunFolder, 
 
 def _save(cfg: TrainConfig, accelerator, opt: Optimisation, data: TrainData, folder: RunFolder, step: int,
           metrics: dict, final_loss: float, started: float) -> TrainResult:
-    """The final evaluation, then the model with its tokenizer and the metadata (last); a replacement is swapped in."""
+    """The final evaluation, then the model with its tokenizer (and SparsePO's learned masks) and the metadata (last);
+    a replacement is swapped in."""
+    from sepo.core.token_masks import MASKS_FILE, save_sparse_masks
     from sepo.models import tokenizer_fingerprint
     from sepo.stages.train_output import save_final_model
 
     metrics = {**metrics, "final_loss": final_loss}
     if opt.eval_loader is not None:
-        eval_metrics = evaluate(cfg, accelerator, opt.model, opt.ref_model, opt.eval_loader, opt.hyper,
-                                opt.full_logits)
+        eval_metrics = evaluate(cfg, accelerator, opt)
         _Recorder(accelerator, folder.log_file, opt.sampler.num_steps)(step, eval_metrics)
         metrics.update(eval_metrics)
     metadata = {
@@ -582,7 +743,14 @@ def _save(cfg: TrainConfig, accelerator, opt: Optimisation, data: TrainData, fol
         "num_rows": len(data.pairs), "steps": step, "num_processes": accelerator.num_processes, "metrics": metrics,
         "seconds": round(time.time() - started, 2), "config": to_dict(cfg), "data_metadata": data.metadata,
     }
-    save_final_model(accelerator, opt.model, data.tokenizer, folder, merge_lora=cfg.merge_lora, metadata=metadata)
+    also_save = None
+    if opt.masks is not None:
+        metadata["sparsepo_masks"] = MASKS_FILE
+
+        def also_save(staging):
+            save_sparse_masks(accelerator.unwrap_model(opt.masks), staging / MASKS_FILE)
+    save_final_model(accelerator, opt.model, data.tokenizer, folder, merge_lora=cfg.merge_lora, metadata=metadata,
+                     also_save=also_save)
     accelerator.end_training()
     log.info("trained %d steps in %.1fs (final loss %.4f) -> %s", step, time.time() - started, final_loss, folder.final)
     return TrainResult(output_dir=str(folder.final), metrics=metrics, steps=step)

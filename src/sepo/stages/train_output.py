@@ -95,9 +95,11 @@ def plan_run_folder(output: str, run_key: str, *, resume: bool, overwrite: bool)
     return RunFolder(final, partial, run_key)
 
 
-def save_final_model(accelerator, model, tokenizer, folder: RunFolder, *, merge_lora: bool, metadata: dict) -> None:
-    """save_pretrained + tokenizer into a temporary folder, moved into the work folder; the metadata JSON is written
-    last, so its presence means the model is complete. A replacement run is then swapped in for the old one."""
+def save_final_model(accelerator, model, tokenizer, folder: RunFolder, *, merge_lora: bool, metadata: dict,
+                     also_save=None) -> None:
+    """save_pretrained + tokenizer (and whatever ``also_save(staging_folder)`` writes, on the main process) into a
+    temporary folder, moved into the work folder; the metadata JSON is written last, so its presence means the model
+    is complete. A replacement run is then swapped in for the old one."""
     from sepo.io import write_metadata
     from sepo.models import is_small_model, transformers_progress
 
@@ -115,6 +117,8 @@ def save_final_model(accelerator, model, tokenizer, folder: RunFolder, *, merge_
             else:
                 unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            if also_save is not None:
+                also_save(staging)
         (out / METADATA_FILE).unlink(missing_ok=True)
         for f in tmp.iterdir():
             dest = out / f.name
