@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 HYPER_PARAMETERS = {"beta": "beta", "gamma": "gamma", "label_smoothing": "label_smoothing", "alpha": "alpha",
                     "tdpo_variant": "variant", "sepo_normalize": "normalize"}
 FAULT_ENV = "SEPO_FAULT_KILL_AFTER_STEP"  # fault injection for the kill-and-resume test: SIGKILL after step N
-# config keys that change nothing a checkpoint holds: a run may resume with other values of these
-NOT_IN_RUN_KEY = ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps", "num_workers")
+# config keys that change nothing a checkpoint holds: a run may resume with other values of these (prefix_sharing
+# changes only the summation order, ~1e-6 in fp32; it is the switch to flip when a model misbehaves packed)
+NOT_IN_RUN_KEY = ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps", "num_workers",
+                  "prefix_sharing")
 # what one optimizer step sums over its micro-batches and processes (one all-reduce): the pairs that count, the
 # weighted sums of LossOutput's METRICS, the tokens run through the model and the micro-batches with a non-finite loss
 STATS = ("pairs", *METRICS, "tokens", "non_finite")
@@ -102,6 +104,10 @@ class TrainConfig:
     chunk_size: int | None = option(None, "response positions per LM-head + log-softmax chunk (bounds logits memory "
                                     "to chunk_size x vocab); none: 64 on CPU (below the allocator's mmap threshold), "
                                     "1024 on GPU", unit="positions")
+    prefix_sharing: bool = option(True, "compute each prompt once per pair: chosen and rejected packed in one row "
+                                  "with a block attention mask (exact: fp32 log-probs equal the unshared ones to "
+                                  "~1e-6); a model or attention kernel that cannot do it runs plain rows and says so "
+                                  "once (docs/performance.md)")
     lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale alpha/r)")
@@ -348,13 +354,16 @@ def _attach_reference(cfg: TrainConfig, accelerator, data: TrainData, sampler: G
             part, range(len(part)) if rows is None else rows, key=rc.cache_key(reference, part, cfg.dtype),
             data=source, run_folder=folder.work, accelerator=accelerator,
             load_reference=lambda: load_causal_lm(reference, dtype=cfg.dtype, trainable=False).to(accelerator.device),
-            pad_token_id=data.tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size)
+            pad_token_id=data.tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+            prefix_sharing=cfg.prefix_sharing)
     return dataclasses.replace(data, reference=found.get("train"), eval_reference=found.get("eval"))
 
 
-def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> tuple:
-    """-> (train loader, eval loader or None): the sampler's micro-batches, collated in ``num_workers`` workers; the
-    held-out pairs in a fixed order, padded to whole global batches as well."""
+def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler,
+                   prefix_sharing: bool = False) -> tuple:
+    """-> (train loader, eval loader or None): the sampler's micro-batches, collated in ``num_workers`` workers
+    (``prefix_sharing``: packed there too); the held-out pairs in a fixed order, padded to whole global batches as
+    well."""
     from sepo.data.loader import PairDataset
     from sepo.data.rows import pair_lengths
 
@@ -364,7 +373,8 @@ def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: Glob
 
     def collator(include_rejected: bool) -> PairCollator:
         return PairCollator(data.tokenizer.pad_token_id, include_rejected=include_rejected,
-                            weight_columns=MASK_COLUMNS if selection else None, ref_columns=refs)
+                            weight_columns=MASK_COLUMNS if selection else None, ref_columns=refs,
+                            prefix_sharing=prefix_sharing)
 
     loader = pair_loader(PairDataset(data.pairs, columns, joined=data.reference), sampler,
                          collator(cfg.loss != "sft"), num_workers=cfg.num_workers)
@@ -387,11 +397,13 @@ def _fill_deepspeed_config(cfg: TrainConfig, plugin) -> None:
 
 
 def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
-    """Policy (LoRA optional), AdamW, the schedule, the loaders; all but the schedule prepared by accelerate."""
+    """Policy (LoRA optional), AdamW, the schedule, the loaders (packing pairs when ``prefix_sharing`` is on and
+    every model that runs them passes the probe); all but the schedule prepared by accelerate."""
     from accelerate.utils import DistributedType
     from transformers import get_scheduler
 
     from sepo.models import LoraSettings, load_causal_lm, selective_head_supported
+    from sepo.prefix_sharing import prefix_sharing_supported
 
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules)) if cfg.lora else None
     model = load_causal_lm(cfg.model, dtype=cfg.dtype, gradient_checkpointing=cfg.gradient_checkpointing, lora=lora)
@@ -400,22 +412,29 @@ def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler:
                                   weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
                               num_training_steps=sampler.num_steps)
-    loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fill_deepspeed_config(cfg, accelerator.state.deepspeed_plugin)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     full_logits = accelerator.distributed_type == DistributedType.FSDP
     ref_model = None
     if needs_reference_model(cfg.loss):  # tdpo needs the reference's whole distribution at every position
         if full_logits:
             raise ConfigError("tdpo is not supported under FSDP (it calls both LM heads directly); use DDP or DeepSpeed")
         ref_model = load_causal_lm(cfg.reference or cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
-    if not full_logits:  # the one-off selective-head probe runs a forward: do it now, in eval mode (no dropout),
-        model.eval()  # so it draws no random numbers after a resumed run restores the RNG
+    # the one-off probes run forwards: do them now, on every process, in eval mode (no dropout), so they draw no
+    # random numbers after a resumed run restores the RNG; the loaders are built after them, to know whether to pack
+    model.eval()
+    if not full_logits:
         selective_head_supported(model)
-        model.train()
+    sharing = cfg.prefix_sharing and (cfg.loss != "sft" or data.eval_pairs is not None) and all(
+        prefix_sharing_supported(m, full_logits=full_logits) for m in (model, ref_model) if m is not None)
+    model.train()
+    if sharing:
+        log.info("prefix sharing on: chosen and rejected run as one packed row per pair, each prompt computed once")
+    loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler, prefix_sharing=sharing)
+    loader = accelerator.prepare(loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
     return Optimisation(model, ref_model, optimizer, scheduler, sampler, loader, eval_loader, loss_kwargs(cfg),
                         full_logits)
 
