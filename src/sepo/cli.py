@@ -9,6 +9,7 @@ import sys
 from sepo import __version__
 from sepo.config import parse_cli
 from sepo.errors import SepoError
+from sepo.io import storage_error
 
 # command -> (module, config class, function, summary). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -53,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sepo: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, config_name, fn_name, summary = COMMANDS[name]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
+    cfg = None
     try:
         module = importlib.import_module(module_name)
-        cfg = parse_cli(getattr(module, config_name), rest, prog=f"sepo {name}", description=summary)
+        cfg = parse_cli(getattr(module, config_name), rest, prog=f"sepo {name}", description=summary,
+                        examples=docstring_examples(module, name))
         getattr(module, fn_name)(cfg)
     except SepoError as e:
         print(f"sepo {name}: error: {e}", file=sys.stderr)
@@ -64,7 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sepo {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # a full or read-only disk met outside a stage's own output (a cache, a log): still one line
+        fault = storage_error(e, getattr(cfg, "output", None) or ".")
+        if fault is None:
+            raise
+        print(f"sepo {name}: error: {fault}", file=sys.stderr)
+        return 2
     return 0
+
+
+def docstring_examples(module, name: str) -> list[str]:
+    """The ``sepo <name> ...`` lines of a stage module's docstring (a trailing backslash continues a line)."""
+    lines, current = [], ""
+    for raw in (module.__doc__ or "").splitlines():
+        text = " ".join(raw.split())  # a backslash-newline in the docstring already joined two lines
+        if current:
+            current += " " + text
+        elif text.startswith(f"sepo {name} "):
+            current = text
+        else:
+            continue
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+            continue
+        lines.append(current)
+        current = ""
+    return lines
+
+
+def configure_logging() -> None:
+    """sepo's own progress at INFO, one plain line each; other libraries only from WARNING (matplotlib's
+    first-run "generated new fontManager", accelerate's and datasets' INFO chatter stay out)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("sepo").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -279,12 +279,37 @@ def _describe(f: dataclasses.Field) -> str:
     return f"{help_} [{extra}]".replace("%", "%%")
 
 
-def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+def override_example(cls: type) -> str:
+    """A ``key=value`` that ``cls`` accepts, shown in its --help: a key of its first section (``data_options.split=
+    train``) when it has one, else its first plain key, with the default as the value."""
+    fields = _fields(cls)
+    sections = [(n, _strip_optional(f.type)[0]) for n, f in fields.items() if _is_config(_strip_optional(f.type)[0])]
+    for prefix, owner in [*((f"{n}.", s) for n, s in sections), ("", cls)]:
+        for name, f in _fields(owner).items():
+            if (f.metadata.get("positional") or f.default is dataclasses.MISSING or f.default is None
+                    or isinstance(f.default, bool) or name in ("output", "overwrite")):
+                continue
+            if isinstance(f.default, (int, float, str)):
+                return f"{prefix}{name}={f.default}"
+    return ""
+
+
+def help_epilog(cls: type, prog: str, examples: list[str] = ()) -> str:
+    """The end of ``--help``: complete example command lines (each one parses: tests/unit/test_help_examples.py)
+    and how keys are set."""
+    example = override_example(cls)
+    lines = ["examples:", *(f"  {e}" for e in examples), ""] if examples else []
+    return "\n".join([*lines, "Any key can also be set as key=value, a key inside a section with a dot"
+                      + (f" (e.g. {example})" if example else "") + ".",
+                       "Precedence: defaults < --config YAML < key=value < --flags."])
+
+
+def build_parser(cls: type, prog: str, description: str = "", examples: list[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog="Any key, nested ones too, can also be set as key=value (e.g. train.learning_rate=1e-5). "
-        "Precedence: defaults < --config YAML < key=value < --flags.",
+        epilog=help_epilog(cls, prog, examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the examples one per line
     )
     parser.add_argument("--config", default=None, help="YAML file with config keys [default: none]")
     positional = [n for n, f in _fields(cls).items() if f.metadata.get("positional")]
@@ -321,9 +346,9 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     return parser
 
 
-def parse_cli(cls: type[T], argv: list[str], prog: str, description: str = "") -> T:
+def parse_cli(cls: type[T], argv: list[str], prog: str, description: str = "", examples: list[str] = ()) -> T:
     """Parse ``[--config YAML] [POSITIONAL ...] [key=value ...] [--flag value ...]`` into ``cls``."""
-    parser = build_parser(cls, prog, description)
+    parser = build_parser(cls, prog, description, examples)
     ns = parser.parse_intermixed_args(argv)
     fields = _fields(cls)
     positional = [n for n, f in fields.items() if f.metadata.get("positional")]

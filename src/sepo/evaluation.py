@@ -115,14 +115,31 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", batch_size: in
     its single logit, or for a classifier with several labels the last label's logit minus the first's."""
     if ":" in spec and not Path(spec).exists():
         module_name, fn_name = spec.split(":", 1)
-        try:
+        try:  # imports and later runs that module's code, by design: a reward is code the user chose
             fn = getattr(importlib.import_module(module_name), fn_name)
         except (ImportError, AttributeError) as e:
-            raise SepoError(f"reward '{spec}': cannot import {fn_name} from module {module_name} ({e})") from None
+            raise SepoError(f"reward '{spec}': cannot import {fn_name} from module {module_name} ({e})"
+                            + _import_path_hint(module_name)) from None
         if not callable(fn):
             raise SepoError(f"reward '{spec}' is not callable")
         return _checked(fn, spec)
     return _classifier_reward(spec, device, batch_size)
+
+
+def _import_path_hint(module_name: str) -> str:
+    """The usual reason a reward module in the current folder does not import: the `sepo` command does not put
+    the current folder on the import path (``python -m sepo`` does)."""
+    import sys
+
+    top = module_name.split(".")[0]
+    here = Path.cwd()
+    if not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+        return ""
+    on_path = {str(Path(p or ".").resolve()) for p in sys.path}
+    if str(here.resolve()) in on_path:
+        return ""
+    return (f"; {top} is in the current folder, which is not on the import path: run with PYTHONPATH=. (or "
+            "`python -m sepo`, or install the module)")
 
 
 def _checked(fn: RewardFn, name: str) -> RewardFn:
@@ -138,9 +155,12 @@ def _checked(fn: RewardFn, name: str) -> RewardFn:
 def _classifier_reward(path: str, device, batch_size: int) -> RewardFn:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from sepo.hub import hub_kwargs
+
+    hub = hub_kwargs("reward model", path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(path, **hub)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **hub).to(device).eval()
     except Exception as e:  # transformers raises OSError / ValueError / hub errors
         raise SepoError(f"reward '{path}' is neither module:function nor a loadable sequence-classification "
                         f"model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

@@ -13,8 +13,8 @@ last hidden state is not what the head consumes -- it falls back to materialisin
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 
 from sepo.core.logprobs import full_logits_log_probs, selective_log_probs, selective_log_probs_and_kl
 from sepo.errors import SepoError
+from sepo.hub import hub_hint, hub_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _refuse_missing_local_path(kind: str, name: str) -> None:
 def _load_error(kind: str, name: str, err: Exception) -> SepoError:
     local = Path(name).exists()
     hint = ("the folder exists but is not a complete Hugging Face checkpoint (config.json, weights, tokenizer files)"
-            if local else "not a local folder; as a hub id it could not be fetched (offline? set HF_HOME or pass a local path)")
+            if local else f"not a local folder, and {hub_hint()}")
     return SepoError(f"could not load {kind} '{name}': {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:300]})")
 
 
@@ -69,24 +70,31 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("tokenizer", name_or_path)
+    hub = hub_kwargs("tokenizer", name_or_path, revision=revision)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise _load_error("tokenizer", name_or_path, e) from None
     tok.padding_side = padding_side
     return ensure_pad_token(tok)
 
 
+_pad_said: set[tuple[str, str]] = set()
+
+
 def ensure_pad_token(tokenizer):
-    """Give a tokenizer without a pad token one, loudly. Pad positions are always masked out, so reusing
-    EOS (or UNK) is safe; the assignment is recorded in every dataset's metadata."""
+    """Give a tokenizer without a pad token one, saying so once per tokenizer and process. Pad positions are
+    always masked out, so reusing EOS (or UNK) is safe; the assignment is recorded in every dataset's metadata."""
     if tokenizer.pad_token_id is None:
         fallback = "eos_token" if tokenizer.eos_token is not None else "unk_token"
         token = getattr(tokenizer, fallback)
         if token is None:
             raise SepoError("the tokenizer has neither a pad, an EOS nor an UNK token; add a pad token to it first")
-        warnings.warn(f"tokenizer has no pad token; using its {fallback} {token!r} (id "
-                      f"{tokenizer.convert_tokens_to_ids(token)}) for padding", stacklevel=2)
+        key = (getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__, token)
+        if key not in _pad_said:
+            _pad_said.add(key)
+            log.warning("tokenizer %s has no pad token; padding with its %s %r (id %d), always masked out", key[0],
+                        fallback, token, tokenizer.convert_tokens_to_ids(token))
         tokenizer.pad_token = token
     return tokenizer
 
@@ -96,14 +104,24 @@ def context_limit(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def shortest_context(**models: str | None) -> tuple[int | None, str]:
+    """The fewest positions among the named models (``oracle="runs/oracle", reference="stories260k"``) and which
+    one that is, e.g. ``(512, "the oracle stories260k")``: what raw data is truncated to when ``max_length`` is
+    unset (``sepo.data.options.with_lengths``). ``(None, "")`` when no config says."""
+    found = [(context_limit(load_model_config(name)), f"the {role} {name}") for role, name in models.items() if name]
+    found = [(n, who) for n, who in found if n]
+    return min(found) if found else (None, "")
+
+
 def load_model_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     """The model's config alone (no weights): cheap checks before anything heavy runs."""
     from transformers import AutoConfig
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("model", name_or_path)
+    hub = hub_kwargs("model", name_or_path, revision=revision)
     try:
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code, **hub)
     except Exception as e:
         raise _load_error("model", name_or_path, e) from None
 
@@ -140,14 +158,16 @@ def load_causal_lm(
 
     name_or_path = resolve_path(name_or_path)
     _refuse_missing_local_path("model", name_or_path)
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code,
+              **hub_kwargs("model", name_or_path, revision=revision)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     dtype_value = resolve_dtype(dtype)
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype_value
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        with transformers_progress(not is_small_model(name_or_path)):
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except Exception as e:
         raise _load_error("model", name_or_path, e) from None
     if gradient_checkpointing and trainable:
@@ -166,6 +186,35 @@ def load_causal_lm(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+LOADING_BAR_MIN_BYTES = 2**30
+
+
+@contextlib.contextmanager
+def transformers_progress(show: bool):
+    """transformers' own progress bars ("Loading weights", "Writing model shards") on or off for a block; the
+    switch is global, so it is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not show and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def is_small_model(parameters_or_path) -> bool:
+    """Under 1 GiB of weights (a local folder's weight files, or a model's parameters): loaded or saved in
+    moments, so a progress bar for it is noise."""
+    if isinstance(parameters_or_path, (str, Path)):
+        folder = Path(parameters_or_path)
+        return folder.is_dir() and sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin")
+                                       for f in folder.glob(pattern)) < LOADING_BAR_MIN_BYTES
+    return sum(p.numel() * p.element_size() for p in parameters_or_path) < LOADING_BAR_MIN_BYTES
 
 
 def unwrap(model):

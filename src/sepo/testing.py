@@ -114,6 +114,9 @@ def build_tiny_model(output_dir: str | os.PathLike, *, arch: str = "llama", pres
     model = AutoModelForCausalLM.from_config(cfg)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    from sepo.models import transformers_progress
+
+    with transformers_progress(False):  # a kit model is a few MB: no "Writing model shards" bar
+        model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

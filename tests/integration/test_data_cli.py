@@ -25,15 +25,23 @@ GOOD = [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": " I 
         for i in range(6)]
 
 
-def test_inspect_bad_file_prints_one_message_and_exits_2(tmp_path, capsys):
+def test_inspect_reports_invalid_rows_and_prepare_refuses_them(tmp_path, capsys):
+    """Inspecting is how a user finds bad rows: counted by reason with their row numbers, exit 0. prepare stops
+    at the first one with one message naming it and the --on-invalid skip hint."""
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD[0], {"prompt": "p", "chosen": 3, "rejected": "r"}])
-    assert main(["data", "inspect", path]) == 2
+    assert main(["data", "inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "rows: 2 read, 1 kept; dropped: not_a_string 1" in out
+    assert "not_a_string 1 (a text field is not a string): row 2" in out
+    assert "stop at the first of them; pass --on-invalid skip" in out
+    assert main(["data", "prepare", path, "--tokenizer", "stories260k", "--output", str(tmp_path / "out")]) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and captured.out == ""
-    assert captured.err.startswith(f"sepo data inspect: error: {path}, row 2, field 'chosen': must be a string")
-    assert "--on-invalid skip" in captured.err
+    assert captured.err.startswith(f"sepo data prepare: error: {path}, row 2, field 'chosen': must be a string")
+    assert "--on-invalid skip" in captured.err and not (tmp_path / "out").exists()
     assert main(["data", "inspect", path, "--on-invalid", "skip"]) == 0
-    assert "rows: 2 read, 1 kept; dropped: not_a_string 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rows: 2 read, 1 kept; dropped: not_a_string 1" in out and "stop at the first" not in out
 
 
 def test_inspect_without_tokenizer_shows_text_statistics(pandalm_path, capsys):
@@ -146,12 +154,13 @@ def test_a_folder_without_fingerprint_loads_with_a_warning_and_inspects(tmp_path
 
 def test_prepare_refuses_to_write_an_empty_dataset(tmp_path, capsys):
     """Skipping every row used to write a 0-row folder that the next stage could not even load."""
-    path = write_jsonl(tmp_path / "p.jsonl", GOOD)
+    # every pair's responses differ only after where max_length cuts them
+    path = write_jsonl(tmp_path / "p.jsonl", [{**row, "chosen": " Yes, sure.", "rejected": " Yes, no."} for row in GOOD])
     rc = main(["data", "prepare", path, "--tokenizer", "stories260k", "--output", str(tmp_path / "out"),
                "--max-length", "4", "--on-invalid", "skip"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert "no usable rows after tokenization (every row was invalid: prompt_too_long 6)" in err
+    assert "no usable rows after tokenization (every row was invalid: identical_responses 6)" in err
     assert "raise --max-length" in err and not (tmp_path / "out").exists()
 
 

@@ -56,7 +56,7 @@ def test_an_output_that_is_a_file_is_one_clear_error(micro, pairs, tmp_path, cap
     assert main(["train", "--model", str(micro), "--data", str(pairs), "--output", str(target), "--loss", "simpo",
                  "max_steps=1"]) == 2
     err = capsys.readouterr().err
-    assert "is a file, not a folder; choose another --output" in err and "Traceback" not in err
+    assert "already exists and is not a folder; choose another output" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and target.read_text() == "not a folder"
 
 

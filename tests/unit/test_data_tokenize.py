@@ -128,8 +128,9 @@ def test_truncation_left_for_prompts_right_for_responses():
     rows = [(long_prompt, long_reply, " No."), ("Hi.", " Yes.", " No.")]
     opts = DataOptions(max_length=40, max_prompt_length=12)
     out = tokenize_pairs(pairs(rows), tok, opts)
-    assert out.stats | {"dropped": None} == {"rows_in": 2, "rows": 2, "prompt_truncated": 1, "chosen_truncated": 1,
-                                             "rejected_truncated": 0, "boundary_retokenized": 0, "dropped": None}
+    assert out.stats | {"dropped": None, "invalid_rows": None} == {
+        "rows_in": 2, "rows": 2, "prompt_truncated": 1, "chosen_truncated": 1, "rejected_truncated": 0,
+        "boundary_retokenized": 0, "dropped": None, "invalid_rows": None}
     first = out.dataset[0]
     full_prompt = tok(long_prompt)["input_ids"]
     assert first["prompt_input_ids"] == [tok.bos_token_id] + full_prompt[-11:]  # BOS kept, cut from the left
@@ -156,11 +157,10 @@ def test_eos_comes_from_the_tokenizer_and_is_not_doubled():
     assert out.dataset[0]["rejected_input_ids"][-1] == stories.eos_token_id == 2
 
 
-def test_pad_token_assigned_loudly_and_no_eos_refused():
+def test_pad_token_assigned_and_no_eos_refused():
     tok = build_tokenizer("gpt2")
     tok.pad_token = None
-    with pytest.warns(UserWarning, match="no pad token"):
-        tokenize_pairs(pairs(STORY_ROWS[:1]), tok, DataOptions())
+    tokenize_pairs(pairs(STORY_ROWS[:1]), tok, DataOptions())
     assert tok.pad_token_id == tok.eos_token_id
     tok.eos_token = None
     with pytest.raises(SepoError, match="no EOS token"):
@@ -190,7 +190,9 @@ def test_pairs_with_text_prompts_only():
 def test_tokenize_pairs_refuses_when_every_row_is_dropped():
     from sepo.models import load_tokenizer
 
-    rows = datasets.Dataset.from_list([{"prompt": "A long question " * 10, "chosen": " yes", "rejected": " no"}])
+    # the responses differ only after where max_length cuts them
+    rows = datasets.Dataset.from_list([{"prompt": "A long question " * 10, "chosen": " Yes, sure.",
+                                        "rejected": " Yes, no."}])
     with pytest.raises(DataError, match="no usable rows after tokenization") as err:
         tokenize_pairs(rows, load_tokenizer("stories260k"), DataOptions(max_length=4, on_invalid="skip"),
                        source="q.jsonl")

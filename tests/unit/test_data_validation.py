@@ -50,19 +50,18 @@ def test_bad_row_is_named_and_can_be_skipped(tmp_path, reason):
     assert any("skipped 1 invalid row" in n for n in raw.notes)
 
 
-def test_prompt_alone_over_max_length(tmp_path):
+def test_a_prompt_longer_than_max_length_is_cut_from_the_left_like_any_long_prompt(tmp_path):
+    """TRL's rule: a prompt over max_prompt_length keeps BOS (gpt2 has none) and its last tokens, however long
+    it is -- one over max_length included (it used to be an invalid row, which dropped 16% of HH-RLHF at 512)."""
     tok = build_tokenizer("gpt2")
-    long_prompt = "word " * 40
+    long_prompt = "word " * 40 + "the question?"
     path = write_lines(tmp_path / "long.jsonl", [line(), line(prompt=long_prompt), line(prompt=long_prompt * 2)])
-    opts = DataOptions(max_length=32, max_prompt_length=16)
-    with pytest.raises(DataError) as err:
-        load_pairs(path, tok, opts)
-    assert (err.value.file, err.value.row, err.value.field) == (path, 2, "prompt")
-    n_tokens = len(tok(long_prompt)["input_ids"])
-    assert f"the prompt alone is {n_tokens} tokens, more than max_length=32" in str(err.value)
-    assert "1 more invalid row" in str(err.value) and "--max-length" in str(err.value)
-    pairs, meta = load_pairs(path, tok, DataOptions(max_length=32, max_prompt_length=16, on_invalid="skip"))
-    assert len(pairs) == 1 and meta["counts"]["dropped"] == {"prompt_too_long": 2}
+    pairs, meta = load_pairs(path, tok, DataOptions(max_length=32, max_prompt_length=16))
+    assert len(pairs) == 3 and meta["counts"]["dropped"] == {} and meta["counts"]["prompt_truncated"] == 2
+    for row in (1, 2):
+        assert pairs[row]["prompt_input_ids"] == tok(long_prompt)["input_ids"][-16:]
+        assert tok.decode(pairs[row]["prompt_input_ids"]).endswith("the question?")
+        assert len(pairs[row]["prompt_input_ids"]) + len(pairs[row]["chosen_input_ids"]) <= 32
 
 
 def test_skip_counts_every_reason_at_once(tmp_path):

@@ -22,8 +22,7 @@ from sepo.models import load_causal_lm, load_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    with pytest.warns(UserWarning):
-        return load_tokenizer("stories260k")
+    return load_tokenizer("stories260k")
 
 
 @pytest.fixture(scope="module")

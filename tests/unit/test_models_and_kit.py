@@ -47,12 +47,19 @@ def test_bundled_stories260k_generates_its_known_story():
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_pad_token_is_assigned_loudly_from_the_tokenizer():
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_model.__globals__["STORIES260K"]))
-    assert tok.pad_token_id is None
-    with pytest.warns(UserWarning, match="no pad token"):
-        ensure_pad_token(tok)
-    assert tok.pad_token_id == tok.eos_token_id  # taken from the tokenizer, not hard-coded
+def test_pad_token_is_assigned_from_the_tokenizer_in_one_log_line_per_tokenizer(caplog, recwarn):
+    import sepo.models
+
+    sepo.models._pad_said.clear()
+    for _ in range(3):
+        tok = AutoTokenizer.from_pretrained(str(build_tiny_model.__globals__["STORIES260K"]))
+        assert tok.pad_token_id is None
+        with caplog.at_level("WARNING", logger="sepo"):
+            ensure_pad_token(tok)
+        assert tok.pad_token_id == tok.eos_token_id  # taken from the tokenizer, not hard-coded
+    said = [r.getMessage() for r in caplog.records if "no pad token" in r.getMessage()]
+    assert len(said) == 1 and "padding with its eos_token '</s>' (id 2)" in said[0]
+    assert not [w for w in recwarn if "pad token" in str(w.message)]  # a log line, not a warning with a source line
 
 
 def test_missing_model_and_tokenizer_give_clear_errors(tmp_path):

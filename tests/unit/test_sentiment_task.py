@@ -24,8 +24,7 @@ from sepo.tasks.sentiment import (
 
 @pytest.fixture(scope="module")
 def tok():
-    with pytest.warns(UserWarning, match="no pad token"):
-        return load_tokenizer("stories260k")
+    return load_tokenizer("stories260k")
 
 
 def test_gold_reward_hand_computed():

@@ -14,8 +14,7 @@ from sepo.tasks.sentiment import NEGATIVE_WORDS, REPETITION_WEIGHT, story_prompt
 
 @pytest.fixture(scope="module")
 def tok():
-    with pytest.warns(UserWarning, match="no pad token"):
-        return load_tokenizer("stories260k")
+    return load_tokenizer("stories260k")
 
 
 @pytest.fixture(scope="module")

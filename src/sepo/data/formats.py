@@ -57,7 +57,6 @@ REASONS = {
     "no_assistant_reply": "a conversation does not end with an assistant reply",
     "bad_label": "the preference label is not 1, 2 or a tie",
     "empty_prompt": "the prompt has no tokens (and the tokenizer adds no BOS)",
-    "prompt_too_long": "the prompt alone is longer than max_length",
     "template_error": "the chat template could not render the prompt",
 }
 
@@ -102,8 +101,8 @@ def detect_format(columns: list[str], rows: list[dict], *, label: str) -> str:
              "columns; map yours with --columns prompt=question,chosen=good,rejected=bad or pass --format")
 
 
-def apply_column_mapping(rows: list[dict], mapping: dict[str, str], *, label: str, columns: list[str]) -> None:
-    """Rename source columns to canonical names in place (``{"prompt": "question"}`` renames question)."""
+def check_column_mapping(mapping: dict[str, str], *, label: str, columns: list[str]) -> None:
+    """Refuse a ``--columns`` mapping onto unknown canonical names or from columns the source does not have."""
     unknown = [k for k in mapping if k not in MAPPABLE]
     if unknown:
         raise ConfigError(f"data_options.columns: unknown canonical name(s) {', '.join(unknown)}; map onto "
@@ -112,9 +111,13 @@ def apply_column_mapping(rows: list[dict], mapping: dict[str, str], *, label: st
     if missing:
         raise DataError(f"has no column(s) {', '.join(missing)} named in --columns", file=label,
                         hint=f"its columns are: {', '.join(columns)}")
-    for row in rows:
-        values = {canonical: row.pop(src, None) for canonical, src in mapping.items()}
-        row.update(values)
+
+
+def rename_columns(row: dict, mapping: dict[str, str]) -> dict:
+    """Rename source columns to canonical names in place (``{"prompt": "question"}`` renames question)."""
+    values = {canonical: row.pop(src, None) for canonical, src in mapping.items()}
+    row.update(values)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- field checks

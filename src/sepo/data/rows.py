@@ -6,16 +6,15 @@ Shared by every stage that runs a model over pairs (`sepo score`, `sepo train` a
     list_lengths(ds, column)             the length of every list in a column, read from Arrow (no Python lists)
     pair_lengths(ds)                     prompt + the longer response per row: what length bucketing sorts on
     unpad_rows(grid, mask)               (N, R) padded grid -> N per-row float32 arrays (the inverse of collation)
-    progress_bars(show)                  datasets' global progress-bar switch, restored afterwards
     flattened(ds)                        a selection as its own table, in a temporary file, never beside the data
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from sepo.data.columns import TOKEN_COLUMNS
+from sepo.io import datasets_progress
 
 
 def rows_of(ds, positions: Sequence[int], columns: Sequence[str]) -> list[dict]:
@@ -50,21 +49,6 @@ def unpad_rows(grid, mask) -> list:
     return [values[n, :length].numpy() for n, length in enumerate(lengths)]
 
 
-@contextlib.contextmanager
-def progress_bars(show: bool) -> Iterator[None]:
-    """datasets' progress bars on (``show``) or off inside the block; the switch is global, so it is restored."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    if not show:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def flattened(ds):
     """``ds`` with its index mapping (from ``select``, a subset, a split) applied. datasets would write the result
     as a cache file beside the data it was loaded from -- a folder a stage must not write (it may be read-only, and
@@ -76,7 +60,7 @@ def flattened(ds):
     was_enabled = datasets.is_caching_enabled()
     datasets.disable_caching()
     try:
-        with progress_bars(False):
+        with datasets_progress(False):
             return ds.flatten_indices()
     finally:
         if was_enabled:

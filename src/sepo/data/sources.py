@@ -1,7 +1,11 @@
-"""Reading a preference data source into plain records, with the file and row of each one.
+"""Reading a preference data source as a stream of plain records, each with its file and row.
 
 A source is a local file (.jsonl, .jsonl.gz, .json, .json.gz, .parquet, .csv), a local folder (a ``datasets``
 ``save_to_disk`` folder, or a folder of such files, e.g. LLMBar's ``*/dataset.json``) or a hub dataset id.
+
+Records are yielded one at a time -- JSON lines line by line from the (gzip) stream, Parquet and Arrow in
+record batches, CSV row by row -- so what is held at once is bounded by a batch, not by the file. (A ``.json``
+file holding one JSON array is the exception: it is one value and is parsed whole.)
 
 JSON is parsed here line by line with the standard library rather than by ``datasets``' JSON builder, so that
 a malformed line or a bad UTF-8 byte can be reported as "file, row N" -- or skipped and counted with
@@ -12,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import json
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from sepo.errors import DataError, SepoError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 INVALID_HINT = "fix or remove the row, or pass --on-invalid skip to drop unusable rows and count them"
+BATCH_ROWS = 1000  # rows read per Parquet / Arrow record batch
+FIRST_ROWS_KEPT = 5  # row numbers remembered per reason for a skipped row (`sepo data inspect` shows them)
 
 
 @dataclass
@@ -33,21 +40,21 @@ class Location:
 
 
 @dataclass
-class SourceTable:
-    """The records of a source in order, each with its location; unreadable rows skipped by reason."""
+class SourceRows:
+    """The records of a source, in order, as a one-pass stream of ``(record, location)``. Unreadable rows
+    skipped (``skip_invalid``) are counted by reason as the stream is read, the first rows of each remembered."""
 
     label: str
-    rows: list[dict] = field(default_factory=list)
-    locations: list[Location] = field(default_factory=list)
+    records: Iterator[tuple[dict, Location]] = field(default_factory=lambda: iter(()))
     skipped: Counter = field(default_factory=Counter)
+    skipped_at: dict[str, list[Location]] = field(default_factory=dict)
     multi_file: bool = False
 
-    @property
-    def columns(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for row in self.rows[:1000]:
-            seen.update(dict.fromkeys(row))
-        return list(seen)
+    def skip(self, reason: str, where: Location) -> None:
+        self.skipped[reason] += 1
+        first = self.skipped_at.setdefault(reason, [])
+        if len(first) < FIRST_ROWS_KEPT:
+            first.append(where)
 
 
 def _suffix(path: Path) -> str:
@@ -61,13 +68,15 @@ def looks_like_path(source: str) -> bool:
 
 
 def read_source(source: str, *, split: str = "train", subset_name: str | None = None,
-                skip_invalid: bool = False) -> SourceTable:
-    """Every record of ``source`` as a dict. Unreadable rows raise DataError, or are counted when skipping."""
+                skip_invalid: bool = False) -> SourceRows:
+    """Every record of ``source`` as a stream. Unreadable rows raise DataError (when the stream reaches them),
+    or are counted when skipping."""
     path = Path(source).expanduser()
     if path.is_file():
-        table = SourceTable(label=str(path))
-        _read_file(path, table, skip_invalid)
-        return table
+        _suffix_or_refuse(path)
+        rows = SourceRows(label=str(path))
+        rows.records = _read_file(path, rows, skip_invalid)
+        return rows
     if path.is_dir():
         return _read_folder(path, split, skip_invalid)
     if path.exists():
@@ -80,15 +89,20 @@ def read_source(source: str, *, split: str = "train", subset_name: str | None = 
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _open_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise DataError(f"not a readable gzip file ({e})", file=str(path),
-                            hint="check the download; decompress it or rename it without .gz") from None
-    return data
+def _suffix_or_refuse(path: Path) -> str:
+    suffix = _suffix(path)
+    if not suffix:
+        raise SepoError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} or a datasets folder")
+    return suffix
+
+
+def _gzip_error(label: str, err: Exception) -> DataError:
+    return DataError(f"not a readable gzip file ({err})", file=label,
+                     hint="check the download; decompress it or rename it without .gz")
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")
 
 
 def _bad_utf8(err: UnicodeDecodeError) -> str:
@@ -99,112 +113,152 @@ def _bad_utf8(err: UnicodeDecodeError) -> str:
 UTF8_HINT = "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or pass --on-invalid skip"
 
 
-def _read_file(path: Path, table: SourceTable, skip_invalid: bool, *, name: str | None = None) -> None:
-    suffix = _suffix(path)
+def _read_file(path: Path, rows: SourceRows, skip_invalid: bool, *, name: str | None = None):
+    suffix = _suffix_or_refuse(path)
     label = name or str(path)
     if suffix == ".parquet":
-        _read_parquet(path, table, label)
+        yield from _read_parquet(path, label)
     elif suffix == ".csv":
-        _read_csv(path, table, label)
+        yield from _read_csv(path, rows, label, skip_invalid)
     elif suffix in (".jsonl", ".jsonl.gz"):
-        _read_json_lines(_open_bytes(path), table, label, skip_invalid)
-    elif suffix in (".json", ".json.gz"):
-        _read_json(_open_bytes(path), table, label, skip_invalid)
+        with _open_binary(path) as stream:
+            yield from _read_json_lines(stream, rows, label, skip_invalid)
     else:
-        raise SepoError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} or a datasets folder")
+        yield from _read_json(path, rows, label, skip_invalid)
 
 
-def _add_record(table: SourceTable, record, label: str, number: int, skip_invalid: bool) -> None:
-    """Append one parsed JSON value as a row; anything but an object is an invalid row."""
+def _record(record, label: str, number: int, rows: SourceRows, skip_invalid: bool):
+    """One parsed JSON value as a row (a 0- or 1-tuple); anything but an object is an invalid row."""
     if not isinstance(record, dict):
         if skip_invalid:
-            table.skipped["not_an_object"] += 1
-            return
+            rows.skip("not_an_object", Location(label, number))
+            return ()
         raise DataError(f"expected a JSON object, got {type(record).__name__}", file=label, row=number,
                         hint=INVALID_HINT)
-    table.rows.append(record)
-    table.locations.append(Location(label, number))
+    return ((record, Location(label, number)),)
 
 
-def _read_json_lines(data: bytes, table: SourceTable, label: str, skip_invalid: bool) -> None:
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+def _lines(stream, label: str):
+    try:
+        yield from stream
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise _gzip_error(label, e) from None
+
+
+def _read_json_lines(stream, rows: SourceRows, label: str, skip_invalid: bool):
+    for number, raw in enumerate(_lines(stream, label), start=1):
         if not raw.strip():
             continue
         try:
             text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading byte-order mark is not data
         except UnicodeDecodeError as e:
             if skip_invalid:
-                table.skipped["bad_utf8"] += 1
+                rows.skip("bad_utf8", Location(label, number))
                 continue
             raise DataError(_bad_utf8(e), file=label, row=number, hint=UTF8_HINT) from None
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
             if skip_invalid:
-                table.skipped["malformed_json"] += 1
+                rows.skip("malformed_json", Location(label, number))
                 continue
             raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", file=label, row=number,
                             hint="each line must be one complete JSON object; " + INVALID_HINT) from None
-        _add_record(table, record, label, number, skip_invalid)
+        yield from _record(record, label, number, rows, skip_invalid)
 
 
-def _read_json(data: bytes, table: SourceTable, label: str, skip_invalid: bool) -> None:
-    """A JSON array of objects, or JSON lines saved as .json (tried when the file is not one JSON value)."""
+def _read_json(path: Path, rows: SourceRows, label: str, skip_invalid: bool):
+    """JSON lines saved as .json (streamed), or a JSON array of objects (one value: parsed whole)."""
+    if _is_json_lines(path, label):
+        with _open_binary(path) as stream:
+            yield from _read_json_lines(stream, rows, label, skip_invalid)
+        return
+    with _open_binary(path) as stream:
+        try:
+            data = stream.read()
+        except (OSError, EOFError, zlib.error) as e:
+            raise _gzip_error(label, e) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        if data.lstrip()[:1] == b"{":  # JSON lines: the bad row can be named and skipped
-            _read_json_lines(data, table, label, skip_invalid)
-            return
         line = data[: e.start].count(b"\n") + 1
         raise DataError(_bad_utf8(e).replace("of the row", "of the file"), file=label, row=line,
                         hint="re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.lstrip().startswith("{"):
-            _read_json_lines(data, table, label, skip_invalid)
-            return
         raise DataError(f"malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})", file=label,
                         row=e.lineno, hint="the file must be a JSON array of objects, or one JSON object per line"
                         ) from None
+    del data, text
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
         raise DataError(f"expected a JSON array of objects, got {type(value).__name__}", file=label)
     for number, record in enumerate(value, start=1):
-        _add_record(table, record, label, number, skip_invalid)
+        yield from _record(record, label, number, rows, skip_invalid)
 
 
-def _read_parquet(path: Path, table: SourceTable, label: str) -> None:
+def _is_json_lines(path: Path, label: str) -> bool:
+    """A .json file is JSON lines when its first non-empty line is a whole JSON object by itself (a
+    pretty-printed object or an array spans lines)."""
+    with _open_binary(path) as stream:
+        for raw in _lines(stream, label):
+            if not raw.strip():
+                continue
+            try:
+                return isinstance(json.loads(raw), dict)
+            except UnicodeDecodeError:  # a bad byte in the first line: JSON lines if it looks like one object
+                return raw.strip().startswith(b"{") and raw.strip().endswith(b"}")
+            except json.JSONDecodeError:
+                return False
+    return False
+
+
+def _read_parquet(path: Path, label: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    number = 0
     try:
-        records = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            for record in batch.to_pylist():
+                number += 1
+                yield record, Location(label, number)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"not a readable Parquet file ({e})", file=label) from None
-    table.rows += records
-    table.locations += [Location(label, i) for i in range(1, len(records) + 1)]
 
 
-def _read_csv(path: Path, table: SourceTable, label: str) -> None:
-    """Row N is the N-th record after the header line. Every value is a string; quoted fields may span lines."""
-    data = _open_bytes(path)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n")  # the header is line 1, so this is the data row (for one-line rows)
-        raise DataError(_bad_utf8(e).replace("of the row", "of the file"), file=label, row=max(line, 1),
-                        hint="re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for number, record in enumerate(reader, start=1):
-            record.pop(None, None)  # extra unnamed cells of an over-long row
-            table.rows.append(record)
-            table.locations.append(Location(label, number))
-    except csv.Error as e:
-        raise DataError(f"malformed CSV ({e})", file=label, row=reader.line_num) from None
+def _read_csv(path: Path, rows: SourceRows, label: str, skip_invalid: bool):
+    """Row N is the N-th record after the header line. Every value is a string; quoted fields may span lines.
+    Bytes that are not UTF-8 are kept as escapes while reading, so the row and field holding one are named."""
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as text:
+        reader = csv.DictReader(text)
+        try:
+            for number, record in enumerate(reader, start=1):
+                record.pop(None, None)  # extra unnamed cells of an over-long row
+                bad = _undecodable(record)
+                if bad is not None:
+                    if skip_invalid:
+                        rows.skip("bad_utf8", Location(label, number))
+                        continue
+                    name, byte = bad
+                    raise DataError(f"not valid UTF-8 (byte 0x{byte:02x}); the file must be UTF-8 encoded",
+                                    file=label, row=number, field=name, hint=UTF8_HINT)
+                yield record, Location(label, number)
+        except csv.Error as e:
+            raise DataError(f"malformed CSV ({e})", file=label, row=reader.line_num) from None
+
+
+def _undecodable(record: dict) -> tuple[str, int] | None:
+    """The first field holding a byte that was not UTF-8 (read with surrogateescape), and that byte."""
+    for name, value in record.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return str(name), ord(value[e.start]) - 0xDC00
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- folders and hub
@@ -214,7 +268,7 @@ def _is_datasets_folder(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
-def _read_folder(path: Path, split: str, skip_invalid: bool) -> SourceTable:
+def _read_folder(path: Path, split: str, skip_invalid: bool) -> SourceRows:
     if _is_datasets_folder(path):
         import datasets
 
@@ -232,27 +286,38 @@ def _read_folder(path: Path, split: str, skip_invalid: bool) -> SourceTable:
     if not files:
         raise SepoError(f"{path} is neither a datasets folder (save_to_disk) nor a folder holding data files "
                         f"({', '.join(FILE_SUFFIXES)})")
-    table = SourceTable(label=str(path), multi_file=len(files) > 1)
-    for file in files:
-        # rows are named by the file's path inside the folder, e.g. "Adversarial/GPTInst/dataset.json"
-        _read_file(file, table, skip_invalid, name=str(file.relative_to(path)))
-    return table
+    rows = SourceRows(label=str(path), multi_file=len(files) > 1)
+    # rows are named by the file's path inside the folder, e.g. "Adversarial/GPTInst/dataset.json"
+    rows.records = (item for file in files
+                    for item in _read_file(file, rows, skip_invalid, name=str(file.relative_to(path))))
+    return rows
 
 
-def _from_dataset(dataset, label: str) -> SourceTable:
-    rows = dataset.to_list()
-    return SourceTable(label=label, rows=rows, locations=[Location(label, i) for i in range(1, len(rows) + 1)])
+def _from_dataset(dataset, label: str) -> SourceRows:
+    def records():
+        number = 0
+        for batch in dataset.iter(batch_size=BATCH_ROWS):
+            for values in zip(*batch.values()):
+                number += 1
+                yield dict(zip(batch, values)), Location(label, number)
+
+    return SourceRows(label=label, records=records())
 
 
-def _read_hub(source: str, split: str, subset_name: str | None) -> SourceTable:
+def _read_hub(source: str, split: str, subset_name: str | None) -> SourceRows:
     import datasets
 
+    from sepo.hub import hub_hint, hub_offline, probe, unreachable_error
+
+    err = None if hub_offline() else probe(source, "dataset")
+    if err is not None:  # datasets would retry for half a minute, then fail anyway
+        raise unreachable_error("data", source, err)
     try:
         loaded = datasets.load_dataset(source, subset_name, split=split)
     except Exception as e:  # hub, network and builder errors come in many types
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise SepoError(
             f"could not load '{source}': it is not a local file or folder, and as a hub dataset id (split "
-            f"'{split}') it could not be loaded ({type(e).__name__}: {first}). Check the path, or the id, "
-            "--split and --subset-name, and that the hub is reachable (HF_HUB_OFFLINE unset)") from None
+            f"'{split}') it could not be loaded ({type(e).__name__}: {first}); {hub_hint()}, and --split and "
+            "--subset-name") from None
     return _from_dataset(loaded, f"{source} [{split}]")

@@ -22,15 +22,16 @@ With a chat template the response is the assistant message's content: its leadin
 joiner such as the space in HH-RLHF's ``"Assistant: reply"``, is dropped because the template already
 separates the turn.
 
-Truncation: a prompt longer than ``max_length`` cannot be used and is an invalid row; a prompt longer than
-``max_prompt_length`` keeps its leading specials (BOS) and its last tokens (cut from the left, so the
-question nearest the answer survives); a response longer than the rest of ``max_length`` is cut from the
+Truncation (TRL's rule): a prompt longer than ``max_prompt_length`` -- however long, also beyond ``max_length``
+-- keeps its leading specials (BOS) and its last tokens (cut from the left, so the question nearest the
+answer survives); a response longer than the rest of ``max_length`` is cut from the
 right and still ends with EOS, because later stages rely on every response ending with it (the EOS then marks
 a cut, not an end the text had; the truncation counts make that visible).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -38,9 +39,8 @@ from pathlib import Path
 
 from sepo.data.columns import TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
 from sepo.data.formats import REASONS
-from sepo.data.options import DataOptions
-from sepo.data.rows import progress_bars
-from sepo.data.sources import INVALID_HINT
+from sepo.data.options import DataOptions, with_lengths
+from sepo.data.sources import FIRST_ROWS_KEPT, INVALID_HINT
 from sepo.errors import ConfigError, DataError, SepoError
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,14 @@ _SIDES = ("chosen", "rejected")
 _PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE = "_problem", "_problem_field", "_problem_message"
 _FLAGS = ("_prompt_truncated", "_chosen_truncated", "_rejected_truncated", "_boundary_retokenized")
 MAP_BATCH_ROWS = 256  # rows per batched tokenizer call in the map (one Rust call per column per batch)
-PROGRESS_MIN_ROWS = 5000  # datasets' progress bar only for maps long enough to be worth watching
 
 
 @dataclass
 class TokenizedPairs:
     dataset: object  # datasets.Dataset: the canonical pairs plus TOKEN_COLUMNS
-    stats: dict = field(default_factory=dict)  # rows, truncation counts, dropped by reason
+    stats: dict = field(default_factory=dict)  # rows, truncation counts, dropped by reason (+ first rows)
     chat_template: str = "none"  # "none", "tokenizer" or "custom"
+    options: DataOptions | None = None  # as applied: max_length fixed (see with_lengths)
 
 
 @dataclass
@@ -143,10 +143,6 @@ class PairEncoder:
                 self._problem(out, i, "empty_prompt", "prompt", "the prompt has no tokens and the tokenizer adds no "
                               "BOS, so the first response token has no position to be predicted from")
                 continue
-            if len(ids) > self.options.max_length:
-                self._problem(out, i, "prompt_too_long", "prompt", f"the prompt alone is {len(ids)} tokens, more "
-                              f"than max_length={self.options.max_length}")
-                continue
             if len(ids) > self.options.max_prompt_length:
                 keep = max(self.options.max_prompt_length - len(self.leading), 0)
                 ids = self.leading + ids[len(ids) - keep :] if keep else list(self.leading)
@@ -183,6 +179,27 @@ class PairEncoder:
             out[c][i] = []
 
 
+WORD_CACHE_ENTRIES = 1000  # the Rust BPE model's word cache while a dataset is tokenized (its default: 10,000)
+
+
+@contextlib.contextmanager
+def bounded_word_cache(tokenizer):
+    """Bound the fast tokenizer's BPE word cache while a whole dataset goes through it. A SentencePiece-style
+    tokenizer whose pre-tokenizer does not split on spaces (Metaspace ``split=False``, e.g. Llama's) caches
+    every distinct *text* as one word: 10,000 entries held about 120 MB after a few thousand pairs. 1,000
+    entries keep the common words of a word-splitting tokenizer (GPT-2) cached. Restored after."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    resize = getattr(model, "_resize_cache", None)  # tokenizers >= 0.20 (private, hence the guard)
+    if resize is None:
+        yield
+        return
+    resize(WORD_CACHE_ENTRIES)
+    try:
+        yield
+    finally:
+        resize(10_000)
+
+
 def _row_location(row: dict, position: int, source: str) -> tuple[str, int]:
     """File and 1-based row of a canonical row (at ``position`` in the dataset), for error messages."""
     if row.get("source_file"):
@@ -190,10 +207,22 @@ def _row_location(row: dict, position: int, source: str) -> tuple[str, int]:
     return source or "data", int(row.get("index", position)) + 1
 
 
-def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = "") -> TokenizedPairs:
+def tokenizer_context(tokenizer) -> int | None:
+    """The tokenizer's ``model_max_length`` when it is set (transformers' placeholder for "unset" is ~1e30)."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and 0 < length < 10**7 else None
+
+
+def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = "", context: int | None = None,
+                   whose: str = "the model") -> TokenizedPairs:
     """Add TOKEN_COLUMNS to canonical pairs (``load_preference_data(...).dataset``); see the module docstring.
-    Invalid rows raise DataError naming ``source`` and the row, or are dropped and counted (on_invalid=skip)."""
-    from sepo.io import fingerprint
+    Invalid rows raise DataError naming ``source`` and the row, or are dropped and counted (on_invalid=skip).
+    ``context``: positions of the model the pairs are for (none: the tokenizer's ``model_max_length``); an unset
+    ``max_length`` follows it when it is shorter than the default."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from sepo.io import PROGRESS_MIN_ROWS, arrow_table, datasets_progress, fingerprint
     from sepo.models import ensure_pad_token, tokenizer_fingerprint
 
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
@@ -201,6 +230,9 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
         raise SepoError(f"tokenize_pairs needs canonical pairs; the dataset lacks {', '.join(missing)} (read data "
                         "with load_preference_data first)")
     ensure_pad_token(tokenizer)
+    if context is None:
+        context, whose = tokenizer_context(tokenizer), "the tokenizer"
+    options = with_lengths(options, context, whose)
     template = resolve_template(tokenizer, options.chat_template)
     encoder = PairEncoder(tokenizer, template, options)
     existing = [c for c in (*TOKEN_COLUMNS, *TOKEN_ALIGNED_COLUMNS) if c in dataset.column_names]
@@ -209,30 +241,39 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
     # an explicit fingerprint: hashing the tokenizer object is slow and unstable across processes
     key = fingerprint(dataset._fingerprint, tokenizer_fingerprint(tokenizer), template.kind, template.text,
                       asdict(options))
-    with progress_bars(len(dataset) > PROGRESS_MIN_ROWS):
+    with datasets_progress(len(dataset) > PROGRESS_MIN_ROWS), bounded_word_cache(tokenizer):
         mapped = dataset.map(encoder, batched=True, batch_size=MAP_BATCH_ROWS, num_proc=options.num_proc,
                              new_fingerprint=key,
                              desc="tokenizing pairs")
 
-    problems = mapped[_PROBLEM]
-    bad = [i for i, p in enumerate(problems) if p]
-    if bad and options.on_invalid == "error":
-        row = mapped[bad[0]]
-        file, number = _row_location(row, bad[0], source)
-        more = f" ({len(bad) - 1} more invalid row(s) after it)" if len(bad) > 1 else ""
+    # the bookkeeping columns are read from Arrow, never as Python lists of every row
+    problems = arrow_table(mapped).column(_PROBLEM)
+    bad = np.flatnonzero(pc.not_equal(problems, "").to_numpy(zero_copy_only=False))
+    if bad.size and options.on_invalid == "error":
+        row = mapped[int(bad[0])]
+        file, number = _row_location(row, int(bad[0]), source)
+        more = f" ({bad.size - 1} more invalid row(s) after it)" if bad.size > 1 else ""
         raise DataError(row[_PROBLEM_MESSAGE] + more, file=file, row=number, field=row[_PROBLEM_FIELD],
                         hint=_hint(row[_PROBLEM]))
-    dropped = Counter(problems[i] for i in bad)
-    if bad:
-        invalid = set(bad)
-        mapped = mapped.select([i for i in range(len(mapped)) if i not in invalid])
-        log.warning("skipped %d invalid row(s) while tokenizing: %s", len(bad), _counts(dropped))
+    reasons = problems.take(bad).to_pylist() if bad.size else []
+    dropped = Counter(reasons)
+    first_rows: dict[str, list[str]] = {}
+    for i, reason in zip(bad.tolist(), reasons):
+        if len(first_rows.setdefault(reason, [])) < FIRST_ROWS_KEPT:
+            file, number = _row_location(mapped[i], i, source)
+            first_rows[reason].append(f"{file} row {number}" if mapped[i].get("source_file") else str(number))
+    if bad.size:
+        keep = np.ones(len(mapped), dtype=bool)
+        keep[bad] = False
+        with datasets_progress(False):  # one flat table (no index mapping) for every later read and write
+            mapped = mapped.select(np.flatnonzero(keep)).flatten_indices()
     if len(mapped) == 0:  # an empty dataset would be written, then fail unreadably in the next stage
         if not dropped:
             raise DataError("has no rows to tokenize", file=source or "data")
         raise DataError(f"no usable rows after tokenization (every row was invalid: {_counts(dropped)})",
                         file=source or "data", hint=_empty_hint(dropped.most_common(1)[0][0]))
-    flags = {f: sum(mapped[f]) for f in _FLAGS}  # over the rows kept
+    table = arrow_table(mapped)
+    flags = {f: int(pc.sum(table.column(f)).as_py() or 0) for f in _FLAGS}  # over the rows kept
     mapped = mapped.remove_columns([_PROBLEM, _PROBLEM_FIELD, _PROBLEM_MESSAGE, *_FLAGS])
     stats = {
         "rows_in": len(dataset),
@@ -242,8 +283,9 @@ def tokenize_pairs(dataset, tokenizer, options: DataOptions, *, source: str = ""
         "rejected_truncated": flags["_rejected_truncated"],
         "boundary_retokenized": flags["_boundary_retokenized"],
         "dropped": dict(sorted(dropped.items())),
+        "invalid_rows": {r: first_rows[r] for r in sorted(first_rows)},
     }
-    return TokenizedPairs(dataset=mapped, stats=stats, chat_template=template.kind)
+    return TokenizedPairs(dataset=mapped, stats=stats, chat_template=template.kind, options=options)
 
 
 def _counts(dropped: Counter) -> str:
@@ -252,16 +294,14 @@ def _counts(dropped: Counter) -> str:
 
 def _empty_hint(reason: str) -> str:
     """What to change when every row was dropped (skipping more rows cannot help)."""
-    if reason == "prompt_too_long":
-        return "the prompts are longer than --max-length; raise --max-length"
     if reason == "template_error":
         return "the chat template fails on these rows; pass --chat-template none or another template"
+    if reason == "identical_responses":
+        return "chosen and rejected are the same once cut to max_length; raise --max-length, or check the data"
     return f"most rows fail with {reason} ({REASONS.get(reason, reason)}); check --format, --columns and the data"
 
 
 def _hint(reason: str) -> str:
-    if reason == "prompt_too_long":
-        return "raise --max-length, shorten the prompt, or pass --on-invalid skip"
     if reason == "template_error":
         return "pass --chat-template none (plain text) or a template that accepts these messages, or --on-invalid skip"
     return f"{REASONS.get(reason, reason)}; {INVALID_HINT}"

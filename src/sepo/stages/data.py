@@ -1,6 +1,6 @@
 """`sepo data inspect` and `sepo data prepare`: look at a preference dataset, and write it tokenized.
 
-    sepo data inspect data/hh-rlhf/harmless-base/test.jsonl.gz --tokenizer gpt2 --on-invalid skip
+    sepo data inspect data/hh-rlhf/harmless-base/test.jsonl.gz --tokenizer gpt2
     sepo data prepare data/llmbar --tokenizer stories260k --max-length 512 --on-invalid skip --output runs/pairs
 
 ``prepare`` writes the canonical tokenized pairs (``index``, ``prompt``, ``prompt_messages``, ``chosen``,
@@ -10,6 +10,7 @@ Arrow dataset with ``sepo_metadata.json``, under a temporary name renamed at the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import numpy as np
 from sepo import __version__
 from sepo.config import option, to_dict
 from sepo.data import DataOptions, load_preference_data, pairs_metadata, tokenize_pairs
-from sepo.data.load import recorded_name
+from sepo.data.formats import REASONS
+from sepo.data.load import dropped_summary, recorded_name
 from sepo.errors import ConfigError, SepoError
-from sepo.io import save_dataset
+from sepo.io import arrow_table, owns_output, save_dataset
 
 BOUNDARY = "⟦|⟧"
 PERCENTILES = (50, 90, 99)
@@ -65,13 +67,23 @@ class DataPrepareConfig:
 # ---------------------------------------------------------------------------------------------- report helpers
 
 
-def length_summary(lengths: list[int]) -> dict[str, int]:
-    """p50 / p90 / p99 / max of a list of lengths (nearest-rank, so every value is a real length)."""
-    if not lengths:
-        return {f"p{p}": 0 for p in PERCENTILES} | {"max": 0}
+def length_summary(lengths) -> dict[str, int]:
+    """p50 / p90 / p99 / max of lengths (nearest-rank, so every value is a real length)."""
     values = np.asarray(lengths)
+    if not values.size:
+        return {f"p{p}": 0 for p in PERCENTILES} | {"max": 0}
     out = {f"p{p}": int(np.percentile(values, p, method="inverted_cdf")) for p in PERCENTILES}
     return out | {"max": int(values.max())}
+
+
+def column_lengths(dataset, column: str):
+    """Lengths of a text (characters) or list (items) column, read from Arrow without Python lists."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = arrow_table(dataset).column(column)
+    lengths = pc.utf8_length(values) if pa.types.is_string(values.type) else pc.list_value_length(values)
+    return lengths.to_numpy(zero_copy_only=False)
 
 
 def _length_table(title: str, summaries: dict[str, dict[str, int]]) -> str:
@@ -109,8 +121,22 @@ def _example(row: dict, tokenizer) -> str:
     return "\n".join(lines)
 
 
-def _counts_line(dropped: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in dropped.items()) or "none"
+def invalid_rows_lines(counts: dict[str, int], first_rows: dict[str, list[str]], on_invalid: str) -> list[str]:
+    """What `sepo data inspect` says about invalid rows: count and first rows per reason, and what the other
+    commands will do with them."""
+    invalid = {r: c for r, c in counts.items() if r != "tie"}
+    if not invalid:
+        return []
+    lines = [f"invalid rows: {sum(invalid.values())}"]
+    for reason, count in sorted(invalid.items()):
+        rows = first_rows.get(reason, [])
+        more = ", ..." if count > len(rows) else ""
+        lines.append(f"  {reason} {count} ({REASONS.get(reason, reason)}): "
+                     f"row{'s' if len(rows) > 1 else ''} {', '.join(rows)}{more}")
+    if on_invalid == "error":
+        lines.append("  `sepo data prepare`, `score` and `train` stop at the first of them; pass --on-invalid skip "
+                     "to drop and count them")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -118,12 +144,14 @@ def _counts_line(dropped: dict[str, int]) -> str:
 
 def inspect(cfg: DataInspectConfig) -> dict:
     """Print (and return) what the data layer makes of ``cfg.path``."""
-    options = cfg.data_options
+    # inspecting is how invalid rows are found: they are counted and their first rows listed, never an error
+    options = dataclasses.replace(cfg.data_options, on_invalid="skip")
 
     # ------------------------------------------------------------------ read and normalise
     raw = load_preference_data(cfg.path, options)
     report: dict = {"source": raw.source, "format": raw.format, "rows_read": len(raw.dataset) + sum(raw.dropped.values()),
-                    "rows": len(raw.dataset), "dropped": dict(raw.dropped), "notes": list(raw.notes)}
+                    "rows": len(raw.dataset), "dropped": dict(raw.dropped), "invalid_rows": dict(raw.invalid_rows),
+                    "notes": [n for n in raw.notes if not n.startswith("skipped ")]}
     dataset, tokenizer = raw.dataset, None
 
     # ------------------------------------------------------------------ tokenize (optional)
@@ -132,21 +160,22 @@ def inspect(cfg: DataInspectConfig) -> dict:
 
         tokenizer = load_tokenizer(cfg.tokenizer)
         tokenized = tokenize_pairs(raw.dataset, tokenizer, options, source=raw.source)
-        dataset = tokenized.dataset
+        dataset, options = tokenized.dataset, tokenized.options
         meta = pairs_metadata(raw, tokenized, tokenizer, options)
-        report.update(rows=len(dataset), dropped=meta["counts"]["dropped"], tokenizer=cfg.tokenizer,
-                      chat_template=tokenized.chat_template,
+        report.update(rows=len(dataset), dropped=meta["counts"]["dropped"], invalid_rows=meta["invalid_rows"],
+                      tokenizer=cfg.tokenizer, chat_template=tokenized.chat_template,
                       truncated={k: meta["counts"][k] for k in ("prompt_truncated", "chosen_truncated",
                                                                  "rejected_truncated")},
                       boundary_retokenized=meta["counts"]["boundary_retokenized"],
-                      token_lengths={c: length_summary([len(x) for x in dataset[f"{c}_input_ids"]])
+                      token_lengths={c: length_summary(column_lengths(dataset, f"{c}_input_ids"))
                                      for c in ("prompt", "chosen", "rejected")})
-    report["char_lengths"] = {c: length_summary([len(x) for x in dataset[c]]) for c in ("prompt", "chosen", "rejected")}
+    report["char_lengths"] = {c: length_summary(column_lengths(dataset, c)) for c in ("prompt", "chosen", "rejected")}
 
     # ------------------------------------------------------------------ print
     out = [f"source: {raw.source}", f"format: {raw.format}",
-           f"rows: {report['rows_read']} read, {report['rows']} kept; dropped: {_counts_line(report['dropped'])}"]
-    out += [f"note: {n}" for n in raw.notes]
+           f"rows: {report['rows_read']} read, {report['rows']} kept; dropped: {dropped_summary(report['dropped'])}"]
+    out += invalid_rows_lines(report["dropped"], report["invalid_rows"], cfg.data_options.on_invalid)
+    out += [f"note: {n}" for n in report["notes"]]
     if tokenizer is not None:
         t = report["truncated"]
         out += [f"tokenizer: {cfg.tokenizer} (chat template: {report['chat_template']}; max_length "
@@ -165,6 +194,7 @@ def inspect(cfg: DataInspectConfig) -> dict:
     return report
 
 
+@owns_output()
 def prepare(cfg: DataPrepareConfig) -> Path:
     """Tokenize ``cfg.path`` with ``cfg.tokenizer`` and write it to ``cfg.output``; returns the folder."""
     from sepo.models import load_tokenizer
@@ -173,7 +203,7 @@ def prepare(cfg: DataPrepareConfig) -> Path:
     if output.exists() and not cfg.overwrite:  # before any work, not only at the final rename
         raise SepoError(f"{output} already exists; choose another --output or pass --overwrite")
 
-    # ------------------------------------------------------------------ read, normalise, tokenize
+    # ------------------------------------------------------------------ read, normalise, tokenize (streamed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     raw = load_preference_data(cfg.path, cfg.data_options)
     tokenized = tokenize_pairs(raw.dataset, tokenizer, cfg.data_options, source=raw.source)
@@ -185,10 +215,12 @@ def prepare(cfg: DataPrepareConfig) -> Path:
 
     counts = metadata["counts"]
     print(f"format: {raw.format}; rows: {counts['rows_read']} read, {counts['rows']} written; dropped: "
-          f"{_counts_line(counts['dropped'])}")
+          f"{dropped_summary(counts['dropped'])}")
     print(f"truncated: {counts['prompt_truncated']} prompts, {counts['chosen_truncated']} chosen, "
-          f"{counts['rejected_truncated']} rejected; chat template: {tokenized.chat_template}")
+          f"{counts['rejected_truncated']} rejected (max_length {tokenized.options.max_length}); chat template: "
+          f"{tokenized.chat_template}")
     for note in raw.notes:
-        print(f"note: {note}")
+        if not note.startswith("skipped "):  # the dropped counts above already say it
+            print(f"note: {note}")
     print(f"wrote {output}")
     return output

@@ -1,5 +1,7 @@
 """`sepo demo [--quick]`: SePO end to end on the embedded task, where the gold reward and the key tokens are known.
 
+    sepo demo --quick --output runs/demo-quick
+
 1. Task: story openings (``sepo.tasks.sentiment``); two continuations per prompt sampled from the bundled
    stories260K model, labelled by a Bradley-Terry draw on the gold sentiment reward; held-out prompts for eval.
 2. ``sepo pipeline`` on that data: a DPO oracle on a random subset, token rewards, k = 30% selection, and the
@@ -21,7 +23,7 @@ from pathlib import Path
 from sepo import __version__
 from sepo.config import from_dict, option
 from sepo.errors import ConfigError
-from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, save_dataset
+from sepo.io import atomic_write_json, atomic_write_text, load_dataset_dir, owns_output, save_dataset
 
 log = logging.getLogger(__name__)
 GOLD = "sepo.tasks.sentiment:gold_reward_batch"
@@ -108,6 +110,7 @@ def selection_quality(tokenizer, folder: Path) -> dict:
     return quality(sel, key)
 
 
+@owns_output()
 def run(cfg: DemoConfig) -> dict:
     import torch
 

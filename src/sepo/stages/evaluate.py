@@ -30,7 +30,7 @@ from sepo.evaluation import (
     preference_accuracy,
     win_rate,
 )
-from sepo.io import atomic_dir, atomic_write_json, write_metadata
+from sepo.io import atomic_dir, atomic_write_json, owns_output, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,19 @@ class EvalConfig:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1]")
 
 
-def load_eval_pairs(data: str, tokenizer, options: DataOptions):
+def load_eval_pairs(data: str, tokenizer, options: DataOptions, context: tuple[int | None, str] = (None, "")):
     """Tokenized pairs through the data layer: a sepo dataset folder as it is (its tokenizer checked against
-    ``tokenizer``), anything else read and tokenized now."""
+    ``tokenizer``), anything else read and tokenized now (cut to ``context``, see ``shortest_context``)."""
     from sepo.data import load_pairs
 
-    ds, _ = load_pairs(data, tokenizer, options)
+    ds, _ = load_pairs(data, tokenizer, options, context=context[0], whose=context[1])
     if "prompt" not in ds.column_names:
         raise DataError("no prompt text to generate from", file=data, field="prompt",
                         hint="re-prepare the data with `sepo data prepare`, which keeps it")
     return ds
 
 
+@owns_output()
 def run(cfg: EvalConfig) -> dict:
     from accelerate import Accelerator
 
@@ -114,7 +115,9 @@ def run(cfg: EvalConfig) -> dict:
     metrics: dict = {"model": cfg.model, "reference": cfg.reference}
 
     # ------------------------------------------------------------------ data
-    pairs = load_eval_pairs(cfg.data, tok, cfg.data_options)
+    from sepo.models import shortest_context
+
+    pairs = load_eval_pairs(cfg.data, tok, cfg.data_options, shortest_context(model=cfg.model, reference=cfg.reference))
     if cfg.max_pairs is not None:
         pairs = pairs.select(range(min(cfg.max_pairs, len(pairs))))
     from sepo.data.load import check_context_length

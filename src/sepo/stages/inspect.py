@@ -28,7 +28,7 @@ from sepo.config import option, to_dict
 from sepo.core.rewards import abs_reward_share_curve, curve_crossing, token_share_for_abs_reward
 from sepo.core.selection import SIDES
 from sepo.errors import ConfigError, SepoError
-from sepo.io import arrow_table, atomic_dir, flat_column, load_dataset_dir, write_metadata
+from sepo.io import arrow_table, atomic_dir, flat_column, load_dataset_dir, owns_output, write_metadata
 from sepo.stages.select import check_token_aligned, pad_rows, token_pieces
 from sepo.tasks import TASK_NAMES, KeyTokens
 
@@ -274,6 +274,12 @@ def plot_reward_histograms(path: Path, flat: dict, masks: dict | None) -> None:
 # ---------------------------------------------------------------------------------------------- run
 
 
+def report_folder(cfg: InspectConfig) -> Path | None:
+    return Path(cfg.output) if cfg.output else Path(cfg.scores).parent / f"{Path(cfg.scores).name}-inspect" \
+        if cfg.scores else None
+
+
+@owns_output(report_folder)
 def run(cfg: InspectConfig) -> dict:
     import matplotlib
 
@@ -300,7 +306,7 @@ def run(cfg: InspectConfig) -> dict:
 def _output_folder(cfg: InspectConfig) -> Path:
     if not cfg.scores:
         raise ConfigError("sepo inspect needs --scores (a `sepo score` or `sepo select` folder)")
-    out = Path(cfg.output) if cfg.output else Path(cfg.scores).parent / f"{Path(cfg.scores).name}-inspect"
+    out = report_folder(cfg)
     if out.exists() and not cfg.overwrite:
         raise SepoError(f"{out} already exists; choose another --output or pass --overwrite")
     return out

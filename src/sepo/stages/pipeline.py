@@ -1,5 +1,7 @@
 """`sepo pipeline CONFIG.yaml [key=value ...]`: sft -> oracle -> score -> select -> train -> eval, resumable.
 
+    sepo pipeline configs/hh_rlhf_cpu.yaml train.learning_rate=1e-5 --output runs/hh
+
 Every stage writes its own folder under ``output`` and, when it finished, a marker ``<folder>.done.json``
 holding the settings it ran with. A rerun skips stages whose marker matches, so after a crash the same
 command continues with the stage that did not finish (a training stage resumes from its last checkpoint).
@@ -43,6 +45,7 @@ from sepo.io import (
     atomic_write_text,
     fingerprint,
     load_dataset_dir,
+    owns_output,
     save_dataset,
 )
 
@@ -324,6 +327,7 @@ def _resumable(stage_cfg, folder: Path):
 # --------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: PipelineConfig) -> dict:
     if not cfg.data:
         raise ConfigError("sepo pipeline needs data (a preference dataset)")
@@ -352,12 +356,13 @@ def run(cfg: PipelineConfig) -> dict:
     # ------------------------------------------------------------------ data: train / eval split, tokenized once
     def prepare_data():
         from sepo.data import load_pairs, subset, train_eval_split
-        from sepo.models import load_tokenizer, tokenizer_fingerprint
+        from sepo.models import load_tokenizer, shortest_context, tokenizer_fingerprint
 
         tok = load_tokenizer(base_reference(cfg, run_dir))
-        train = load_pairs(cfg.data, tok, cfg.data_options)[0]
+        fit = dict(zip(("context", "whose"), shortest_context(reference=base_reference(cfg, run_dir), policy=cfg.policy)))
+        train = load_pairs(cfg.data, tok, cfg.data_options, **fit)[0]
         if cfg.eval_data:
-            held_out = load_pairs(cfg.eval_data, tok, cfg.data_options)[0]
+            held_out = load_pairs(cfg.eval_data, tok, cfg.data_options, **fit)[0]
         else:
             train, held_out = train_eval_split(train, min(cfg.eval_size, len(train) // 2), cfg.seed)
         if cfg.max_pairs is not None and cfg.max_pairs < len(train):
@@ -367,7 +372,7 @@ def run(cfg: PipelineConfig) -> dict:
         save_dataset(train, run_dir / "data" / "train", {**meta, "num_rows": len(train)}, overwrite=True)
         save_dataset(held_out, run_dir / "data" / "eval", {**meta, "num_rows": len(held_out)}, overwrite=True)
         if cfg.score_data:
-            other = load_pairs(cfg.score_data, tok, cfg.data_options)[0]
+            other = load_pairs(cfg.score_data, tok, cfg.data_options, **fit)[0]
             save_dataset(other, run_dir / "data" / "score", {**meta, "source": cfg.score_data,
                                                                "num_rows": len(other)}, overwrite=True)
 

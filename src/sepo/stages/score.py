@@ -33,7 +33,7 @@ from sepo.data.options import DataOptions
 from sepo.data.rows import list_lengths, pair_lengths, rows_of, unpad_rows
 from sepo.data.shared_prefix import with_shared_prefix
 from sepo.errors import ConfigError, SepoError
-from sepo.io import atomic_write_json, dataset_fingerprint, fingerprint, save_dataset
+from sepo.io import atomic_write_json, dataset_fingerprint, fingerprint, owns_output, save_dataset
 from sepo.stages import shards
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,11 @@ def _load_pairs(cfg: ScoreConfig, tokenizer, accelerator):
     from sepo.data import load_pairs
 
     with accelerator.main_process_first():
-        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)  # refuses another tokenizer's ids
+        from sepo.models import shortest_context
+
+        context, whose = shortest_context(oracle=cfg.oracle, reference=cfg.reference)  # raw data is cut to fit them
+        pairs, data_metadata = load_pairs(cfg.data, tokenizer, cfg.data_options, context=context,
+                                          whose=whose)  # refuses another tokenizer's ids
     # a scored or selected folder scored again: its old rewards and the masks chosen from them go
     return pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names]), data_metadata
 
@@ -262,6 +266,7 @@ def _read_json(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: ScoreConfig):
     from sepo.stages.launch import make_accelerator
 

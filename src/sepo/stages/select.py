@@ -26,7 +26,7 @@ from sepo.core.projection import align_spans, project_rewards, spans_from_pieces
 from sepo.core.selection import SIDES, WEIGHTINGS, magnitude_quantile, select, soft_weights
 from sepo.data.columns import REWARD_COLUMNS, SELECTION_COLUMNS, TOKEN_COLUMNS
 from sepo.errors import ConfigError, DataError, SepoError
-from sepo.io import arrow_table, flat_column, load_dataset_dir, save_dataset
+from sepo.io import arrow_table, flat_column, load_dataset_dir, owns_output, save_dataset
 
 log = logging.getLogger(__name__)
 # rows re-tokenized per batch of tokenizer calls when projecting onto the policy tokenizer (bounds the Python
@@ -215,6 +215,7 @@ def project_to_policy(ds, oracle_tok, policy_tok) -> dict[str, list]:
 # ---------------------------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: SelectConfig):
     import datasets
     import pyarrow as pa

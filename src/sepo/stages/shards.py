@@ -78,13 +78,13 @@ def compute_pieces(folder: Path, pieces: Sequence[list[int]],
     (summed over pieces by ``gather_pieces``). ``features``: the ``datasets.Features`` of the value columns."""
     import datasets
 
-    from sepo.data.rows import progress_bars
+    from sepo.io import datasets_progress
 
     features = datasets.Features({ROW: datasets.Value("int64"), **features})
     for rows in pieces:
         columns, stats = compute(rows)
         piece = datasets.Dataset.from_dict({ROW: rows, **columns}, features=features)
-        with progress_bars(False):  # one "Saving the dataset" bar per piece would bury the caller's progress bar
+        with datasets_progress(False):  # one "Saving the dataset" bar per piece would bury the caller's progress bar
             save_dataset(piece, folder / f"{PIECE_PREFIX}{rows[0]:010d}", {"stage": "piece", "rows": len(rows),
                                                                             "stats": stats}, overwrite=True)
     accelerator.wait_for_everyone()

@@ -38,7 +38,7 @@ from sepo.data.columns import INDEX, MASK_COLUMNS, REF_LOGPS_COLUMNS, TOKEN_COLU
 from sepo.data.loader import GlobalBatchSampler, PairCollator, pair_loader
 from sepo.data.options import DataOptions
 from sepo.errors import ConfigError, SepoError
-from sepo.io import fingerprint
+from sepo.io import fingerprint, owns_output
 from sepo.stages.train_output import RunFolder
 
 log = logging.getLogger(__name__)
@@ -300,16 +300,24 @@ def _load_data(cfg: TrainConfig, accelerator) -> TrainData:
     vocabulary. Nothing has been written yet, so a refused input costs no previous run."""
     from sepo.data import load_pairs
     from sepo.data.load import check_context_length
-    from sepo.models import check_same_vocabulary, context_limit, load_model_config, load_tokenizer
+    from sepo.models import (
+        check_same_vocabulary,
+        context_limit,
+        load_model_config,
+        load_tokenizer,
+        shortest_context,
+    )
     from sepo.stages import train_data as td
 
     tokenizer = load_tokenizer(cfg.model)
     for source in (cfg.data, cfg.eval_data):
         if source:
             td.check_data_tokenizer(source, tokenizer, cfg.model)
+    # raw data is cut to the shorter context of the policy and the reference (when max_length is unset)
+    fit = dict(zip(("context", "whose"), shortest_context(policy=cfg.model, reference=cfg.reference or cfg.model)))
     with accelerator.main_process_first():
-        pairs, metadata = load_pairs(cfg.data, tokenizer, cfg.data_options)
-        eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.data_options)[0] if cfg.eval_data else None
+        pairs, metadata = load_pairs(cfg.data, tokenizer, cfg.data_options, **fit)
+        eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.data_options, **fit)[0] if cfg.eval_data else None
     pairs = td.take_subset(pairs, cfg.subset, cfg.seed)
     if eval_pairs is None and cfg.eval_size:
         pairs, eval_pairs = td.split_eval(pairs, cfg.eval_size, cfg.seed)
@@ -602,6 +610,7 @@ def _save(cfg: TrainConfig, accelerator, opt: Optimisation, data: TrainData, fol
 # ---------------------------------------------------------------------------------------------- run
 
 
+@owns_output()
 def run(cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import set_seed
 

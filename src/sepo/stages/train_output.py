@@ -99,6 +99,7 @@ def save_final_model(accelerator, model, tokenizer, folder: RunFolder, *, merge_
     """save_pretrained + tokenizer into a temporary folder, moved into the work folder; the metadata JSON is written
     last, so its presence means the model is complete. A replacement run is then swapped in for the old one."""
     from sepo.io import write_metadata
+    from sepo.models import is_small_model, transformers_progress
 
     out = folder.work
     tmp = out / f".final-{uuid.uuid4().hex[:8]}"
@@ -106,7 +107,7 @@ def save_final_model(accelerator, model, tokenizer, folder: RunFolder, *, merge_
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         is_peft = hasattr(unwrapped, "peft_config")
-        with atomic_dir(tmp) as staging:
+        with atomic_dir(tmp) as staging, transformers_progress(not is_small_model(unwrapped.parameters())):
             if is_peft and merge_lora:
                 unwrapped.merge_and_unload().save_pretrained(staging, safe_serialization=True)
             elif is_peft:
