@@ -9,7 +9,11 @@ prompts 64-128 and responses 32-128 tokens ending with EOS, right-padded), with 
   ours   -- `sepo train`'s micro-batch (sepo.stages.train.compute_loss, then micro_batch_loss and micro_batch_stats as
             the loop runs them): chosen and rejected in one forward, the LM head and
             fp32 log-softmax only at response positions (for sepo only the selected ones), in chunks of 64;
-            dpo/ipo/rpo read the cached reference log-probs, tdpo runs its in-memory reference.
+            dpo/ipo/rpo read the cached reference log-probs, tdpo runs its in-memory reference. Each prompt is
+            computed twice (``prefix_sharing=false``).
+  shared -- the same step with prefix sharing, `sepo train`'s default: one packed row [prompt | chosen | rejected]
+            per pair (sepo.data.shared_prefix), each prompt computed once (dpo, simpo, sepo, tdpo; sft trains on the
+            chosen side only and has nothing to share).
   naive  -- the plain step: full logits (N, T, V), log_softmax over all of them, gather the labels, mask to the
             response (the same loss function afterwards). A reference loss runs the reference forward the same way
             each step (no cache), as trainers do without precomputed reference log-probs.
@@ -45,6 +49,7 @@ CASES = [  # (loss, path)
     ("simpo", "ours"), ("simpo", "naive"),
     ("sepo", "ours"), ("sepo", "naive"),
     ("tdpo", "ours"),
+    ("dpo", "shared"), ("simpo", "shared"), ("sepo", "shared"), ("tdpo", "shared"),
 ]
 TRL_CASES = [  # measured only when `trl` is importable (an optional peer, never a dependency of sepo)
     ("dpo", "trl"),              # DPOTrainer, reference model in memory (its default)
@@ -125,6 +130,11 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
                                                          "flops": step_flops(config, batch, loss, path)}
         finally:
             tmp.cleanup()
+    label = path
+    if path == "shared":
+        from sepo.data.shared_prefix import with_shared_prefix
+
+        batch, path = with_shared_prefix(batch, PAD), "ours"  # the same step on the packed layout
     ref = None
     if loss == "tdpo" or (path == "naive" and needs_reference(loss)):
         ref = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
@@ -151,21 +161,22 @@ def worker(vocab: int, loss: str, path: str, steps: int, threads: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step_tokens = tokens if loss != "sft" or path == "naive" else int(_chosen_only(batch).attention_mask.sum())
-    return _measure(step, step_tokens, steps) | {"vocab": vocab, "loss": loss, "path": path,
-                                                 "flops": step_flops(config, batch, loss, path)}
+    return _measure(step, step_tokens, steps) | {"vocab": vocab, "loss": loss, "path": label,
+                                                 "flops": step_flops(config, batch, loss, label)}
 
 
 def step_flops(config, batch, loss: str, path: str) -> int:
     """Model FLOPs of one step as the path computes it (benchmarks/roofline.py): 3x the policy's forward, plus 1x a
     reference forward run in the step. ours: LM head at the response positions the loss reads (sepo: the selected
-    ones); naive and TRL: at every position (TRL's rows are counted like the naive ones)."""
+    ones; shared: the packed rows, each prompt once); naive and TRL: at every position (TRL's rows are counted like
+    the naive ones)."""
     from roofline import Shape, Work, batch_work
     from sepo.core.objectives import needs_reference
 
     shape = Shape.of(config)
     b = _chosen_only(batch) if loss == "sft" and path == "ours" else batch
     every = int(b.attention_mask.sum())
-    if path == "ours":
+    if path in ("ours", "shared"):
         heads = b.response_mask & (b.token_weights.bool() if loss == "sepo" else True)
         policy, ref = batch_work(b, int(heads.sum())), batch_work(b) if loss == "tdpo" else Work()
     else:
@@ -387,10 +398,16 @@ def main() -> None:
     print("\n| vocab | loss | ours tok/s | naive tok/s | speed-up | ours peak MiB | naive peak MiB | memory ratio | "
           "ours FLOP/s (% of peak) | naive FLOP/s (% of peak) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    shared_rows = []
     by = {(r["vocab"], r["loss"], r["path"]): r for r in results}
     for vocab in sorted({r["vocab"] for r in results}):
         for loss in dict.fromkeys(loss for loss, _ in CASES):
-            ours, naive = by.get((vocab, loss, "ours")), by.get((vocab, loss, "naive"))
+            ours, naive, shared = (by.get((vocab, loss, p)) for p in ("ours", "naive", "shared"))
+            if shared is not None:
+                shared_rows.append(f"| {vocab} | {loss} | {ours['tokens_per_s']:.0f} | {shared['tokens_per_s']:.0f} | "
+                                   f"{shared['tokens_per_s'] / ours['tokens_per_s']:.2f}x | {ours['peak_mib']:.0f} | "
+                                   f"{shared['peak_mib']:.0f} | {shared['peak_mib'] / max(ours['peak_mib'], 1e-9):.2f}x"
+                                   f" | {describe(shared)} |")
             if naive is None:
                 print(f"| {vocab} | {loss} | {ours['tokens_per_s']:.0f} | - | - | {ours['peak_mib']:.0f} | - | - | "
                       f"{describe(ours)} | - |")
@@ -399,6 +416,11 @@ def main() -> None:
                   f"{ours['tokens_per_s'] / naive['tokens_per_s']:.2f}x | {ours['peak_mib']:.0f} | "
                   f"{naive['peak_mib']:.0f} | {ours['peak_mib'] / max(naive['peak_mib'], 1e-9):.2f}x | "
                   f"{describe(ours)} | {describe(naive)} |")
+    print("\nprefix sharing (the same step, each prompt computed once; tokens/s counts the same tokens):")
+    print("\n| vocab | loss | plain tok/s | shared tok/s | speed-up | plain peak MiB | shared peak MiB | memory ratio | "
+          "shared FLOP/s (% of peak) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(shared_rows))
     if version:
         print_trl_tables(results, version)
     else:

@@ -15,8 +15,9 @@ Sections, for each model:
           reference model in memory), DPOTrainer(precompute_ref_log_probs=True) and CPOTrainer(loss_type="simpo",
           cpo_alpha=0) on the same batch (bench_train.trl_step: its own training_step + the same AdamW). Median of
           the timed steps after warm-up steps. Tokens/s = non-pad tokens of the plain rows (the same for every row).
-  score   `sepo score`'s scoring (length-sorted batches, `sepo.stages.score.score_batch` for oracle and reference,
-          collation and the copy back included), sharing off and on, against the paper's procedure (one example at a
+  score   `sepo score`'s scoring (`sepo.stages.score.score_rows`, what the stage runs on each shard: length-sorted
+          batches read from an Arrow dataset, collated, packed with sharing on, both models, the rewards copied back
+          and unpadded), sharing off and on, against the paper's procedure (one example at a
           time, full logits and a fp32 log-softmax at every position, top-k by repeated argmax:
           bench_score.paper_scorer). Tokens/s = scored response tokens.
   head    max |difference| of bf16 per-token log-probs: selective head vs full logits, packed vs plain rows, and
@@ -217,35 +218,33 @@ def trl_rows(name, setup, device, peaks, policy, plain, tokens, shape) -> list[d
 
 
 def score_section(name: str, setup: dict, device, peaks: dict) -> tuple[list[dict], dict]:
+    import datasets
+
     from bench_score import paper_scorer
     from sepo.core.logprobs import default_chunk_size
     from sepo.data.collate import collate_pairs, length_bucketed_batches
+    from sepo.data.rows import pair_lengths
     from sepo.data.shared_prefix import with_shared_prefix
     from sepo.models import response_log_probs
-    from sepo.stages.score import score_batch
+    from sepo.stages.score import score_rows
 
     oracle = build_model(name, setup["dtype"], device, seed=1).eval().requires_grad_(False)
     reference = build_model(name, setup["dtype"], device, seed=2).eval().requires_grad_(False)
     shape, chunk = Shape.of(oracle.config), default_chunk_size(torch.device(device))
     rows = hh_like_rows(setup["score_pairs"], setup["medians"], oracle.config.vocab_size, seed=1)
-    lengths = [len(r["prompt_input_ids"]) + max(len(r["chosen_input_ids"]), len(r["rejected_input_ids"])) for r in rows]
-    order = length_bucketed_batches(lengths, setup["score_batch"], shuffle=False)
+    ds = datasets.Dataset.from_list(rows)
     response_tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
     results = []
     for sharing in ("off", "on"):
-        work = Work()
-
         def score_all(sharing=sharing):
-            nonlocal work
-            work = Work()
             with torch.inference_mode():
-                for positions in order:
-                    batch = collate_pairs([rows[i] for i in positions], PAD)
-                    batch = (with_shared_prefix(batch, PAD) if sharing == "on" else batch).to(device)
-                    rewards = score_batch(oracle, reference, batch, 0.1, chunk)
-                    rewards.float().cpu()  # the copy back `sepo score` makes
-                    work = work + batch_work(batch) * 2  # two models
+                score_rows(ds, oracle, reference, PAD, device, beta=0.1, batch_size=setup["score_batch"],
+                           chunk_size=chunk, prefix_sharing=sharing == "on")
 
+        work = Work()  # what score_rows computes: its batches, as it makes them, through both models
+        for positions in length_bucketed_batches(pair_lengths(ds), setup["score_batch"], shuffle=False):
+            batch = collate_pairs([rows[i] for i in positions], PAD)
+            work = work + batch_work(with_shared_prefix(batch, PAD) if sharing == "on" else batch) * 2
         seconds, peak = timed(score_all, device, 1, 1)
         results.append(row("score", name, "sepo score", sharing, seconds, response_tokens, work.flops(shape), peak, peaks))
         release(device)

@@ -63,12 +63,23 @@ def test_rewards_equal_plain_forward_on_stories260k(tmp_path, stories260k, tiny_
             assert got[0] != 0 and got[-1] != 0  # the first response token and the EOS carry a reward
 
 
-def test_rewards_equal_plain_forward_on_gpt2_vocab_kit_models(tmp_path, tiny_llama_gpt2, gpt2_tokenizer_path):
+@pytest.mark.parametrize("sharing", [True, False])
+def test_rewards_equal_plain_forward_on_gpt2_vocab_kit_models(sharing, tmp_path, monkeypatch, tiny_llama_gpt2,
+                                                              gpt2_tokenizer_path):
+    """With prefix sharing (each pair one packed row, both models) and without it, the rewards are those of a plain
+    forward per sequence."""
+    import sepo.prefix_sharing as ps
+
+    real, packed = ps.packed_forward, []
+    monkeypatch.setattr(ps, "packed_forward", lambda model, shared, **k: packed.append(k) or real(model, shared, **k))
     reference = build_tiny_model(tmp_path / "ref", arch="qwen2", preset="micro", tokenizer="gpt2", seed=5)
     tok = AutoTokenizer.from_pretrained(str(gpt2_tokenizer_path))
     save_dataset(make_story_pairs_dataset(tok, n=4), tmp_path / "pairs", {"stage": "data"})
     score_stage.run(ScoreConfig(oracle=str(tiny_llama_gpt2), reference=str(reference), data=str(tmp_path / "pairs"),
-                                output=str(tmp_path / "scores"), batch_size=3))
+                                output=str(tmp_path / "scores"), batch_size=3, prefix_sharing=sharing))
+    # two batches (3 + 1 pairs) x two models, and each model's probe once with the true layout (its other packed
+    # forwards override the layout); with sharing off, no packed row and no probe
+    assert len([k for k in packed if not k]) == (4 + 2 if sharing else 0)
     ds, _ = load_dataset_dir(tmp_path / "scores")
     for row, exp in zip(ds, plain_rewards(tiny_llama_gpt2, reference, ds, 0.1)):
         assert_close(torch.tensor(row["chosen_rewards"]), exp["chosen"], atol=1e-5, rtol=1e-4)

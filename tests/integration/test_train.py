@@ -448,3 +448,50 @@ def test_nan_loss_stops_with_step_and_rows_and_keeps_the_last_checkpoint(micro, 
     assert int(last) == bad_step - 1  # every step before the bad one was checkpointed; nothing after it
     assert (out / "checkpoints" / f"checkpoint-{last}" / "train_state.json").is_file()
     assert not (out / "checkpoints" / f"checkpoint-{bad_step}").exists() and not (out / METADATA_FILE).exists()
+
+
+@pytest.mark.parametrize(("loss", "settings"), [
+    ("dpo", {}), ("simpo", {}), ("sepo", {}), ("tdpo", {}),
+    ("sepo", {"lora": True, "lora_r": 4, "lora_dropout": 0.0, "gradient_checkpointing": True}),
+])
+def test_prefix_sharing_trains_like_plain_rows(loss, settings, micro, toy, tmp_path, monkeypatch):
+    """Each prompt computed once (one packed row per pair) or twice (plain rows): the same loss at every step, the
+    same eval metrics and the same final weights, to 1e-5 (fp32; only the summation order differs). The packed
+    forward runs exactly once per training step with sharing on (tdpo: the policy's; the reference's runs without
+    a gradient), and never with it off. (LoRA dropout is 0: dropout draws differ with the batch's shape.)"""
+    import sepo.prefix_sharing as ps
+
+    real, trained_packed = ps.packed_forward, []
+    monkeypatch.setattr(ps, "packed_forward", lambda *a, **k: (
+        trained_packed.append(1) if torch.is_grad_enabled() else None) or real(*a, **k))
+    runs = {}
+    for sharing in (True, False):
+        trained_packed.clear()
+        out = tmp_path / f"sharing-{sharing}"
+        runs[sharing] = train.run(cfg(micro, toy, out, loss=loss, max_steps=3, eval_data=str(toy),
+                                      prefix_sharing=sharing, **settings))
+        assert len(trained_packed) == (3 if sharing else 0)
+    logs = [[r["train/loss"] for r in read_log(tmp_path / f"sharing-{s}") if "train/loss" in r] for s in (True, False)]
+    assert len(logs[0]) == 3 and max(abs(a - b) for a, b in zip(*logs)) <= 1e-5, logs
+    on, off = runs[True].metrics, runs[False].metrics
+    assert max(abs(on[k] - off[k]) for k in on if k.startswith("eval/")) <= 1e-5, (on, off)
+    a, b = _weights(tmp_path / "sharing-True"), _weights(tmp_path / "sharing-False")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    assert any(not torch.equal(a[k], w) for k, w in _weights(micro).items())  # ... and the runs did train
+
+
+def test_reference_cache_is_the_same_with_and_without_prefix_sharing(micro, toy):
+    from sepo.io import load_dataset_dir
+    from sepo.models import load_causal_lm
+    from sepo.stages.reference_cache import compute_reference_logps
+
+    ds, _ = load_dataset_dir(toy)
+    reference = load_causal_lm(str(micro), trainable=False)
+    with torch.inference_mode():
+        on, off = (compute_reference_logps(reference, ds, 0, "cpu", batch_size=5, chunk_size=7, prefix_sharing=s)
+                   for s in (True, False))
+    assert reference._sepo_prefix_sharing_ok  # the reference passed the probe, so the packed rows ran
+    for column in on:
+        assert len(on[column]) == len(ds)
+        for got, want in zip(on[column], off[column]):
+            torch.testing.assert_close(torch.as_tensor(got), torch.as_tensor(want), atol=1e-5, rtol=0)

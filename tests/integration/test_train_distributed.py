@@ -2,8 +2,8 @@
 global batch, gradient accumulation exactly like a bigger batch, and a SIGKILLed 2-process run resumes bitwise.
 
 The data has 13 pairs, 3 held out for evaluation, so with a global batch of 8 every second step is the short one
-(2 pairs + 6 zero-weight copies) and the evaluation pads too: the exactness covers padded batches. fp32 throughout;
-tolerances 1e-5 (the summation order differs)."""
+(2 pairs + 6 zero-weight copies) and the evaluation pads too: the exactness covers padded batches. The launched runs
+share each prompt (packed rows, the default). fp32 throughout; tolerances 1e-5 (the summation order differs)."""
 
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(loss, micro, pair
         shutil.copytree(pairs13, data)
     done = launch(micro, data, tmp_path / "two", loss=loss, batch_size=4, **settings)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the default: each prompt computed once, in packed rows (sparsepo reads plain rows: docs/train.md)
+    assert ("prefix sharing on" in done.stderr) == (loss != "sparsepo")
     meta = json.loads((tmp_path / "two" / "sepo_metadata.json").read_text())
     assert meta["num_processes"] == 2 and meta["steps"] == 4
     if loss == "dpo":
@@ -149,7 +151,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(loss, micro, pair
 
         real, loaded = sepo.models.load_causal_lm, []
         monkeypatch.setattr(sepo.models, "load_causal_lm", lambda *a, **k: loaded.append(k) or real(*a, **k))
-    one_process(micro, data, tmp_path / "one", loss=loss, batch_size=8, **settings)
+    # dpo: the one process runs plain rows, so this also checks packed (2 processes) against plain (1 process)
+    one_process(micro, data, tmp_path / "one", loss=loss, batch_size=8, prefix_sharing=loss != "dpo", **settings)
     if loss == "dpo":
         assert all(k.get("trainable", True) for k in loaded)  # the cache was reused: no reference loaded
     assert_same_training(tmp_path / "one", tmp_path / "two", micro)

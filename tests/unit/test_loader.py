@@ -82,6 +82,16 @@ def test_the_collator_carries_weights_and_step_pairs():
     assert batch.index.tolist() == [1, 0]  # no index column: the dataset position
     assert batch.pair_weights.tolist() == [1.0, 0.0] and batch.step_pairs == 3
     assert batch.token_weights[0].tolist() == [0.0, 1.0, 1.0] and batch.input_ids.shape == (4, 4)
+    assert batch.shared is None
+
+    import pickle
+
+    packing = pickle.loads(pickle.dumps(PairCollator(0, prefix_sharing=True)))  # as a loader worker receives it
+    packed = packing(items).shared  # rows [prompt | chosen | rejected]: [3 5 6 2 2], [1 2 4 2 7 2]
+    assert packed.input_ids.tolist() == [[3, 5, 6, 2, 2, 0], [1, 2, 4, 2, 7, 2]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 1, 0], [0, 1, 2, 3, 2, 3]]
+    chosen_only = PairCollator(0, include_rejected=False, prefix_sharing=True)(items)  # sft: nothing to share
+    assert chosen_only.shared is None and chosen_only.num_pairs == 2
 
 
 def test_micro_batch_loss_makes_the_step_gradient_the_mean_over_its_pairs():

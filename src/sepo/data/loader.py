@@ -17,7 +17,8 @@ micro-batches) but add nothing to the gradient or the metrics. Every micro-batch
 number of pairs that count in its whole step, so the loop can normalise the loss by the step, not the micro-batch
 (see ``sepo.stages.train.micro_batch_loss``). Nothing is dropped, whatever the process count.
 
-Collation runs in the loader's workers (``num_workers``); the loader has its own random generator, so creating an
+Collation runs in the loader's workers (``num_workers``), and so does packing a pair batch into one row per pair
+(``PairCollator.prefix_sharing``, sepo.data.shared_prefix); the loader has its own random generator, so creating an
 iterator draws nothing from torch's global RNG (a resumed run's dropout stays bitwise the same).
 """
 
@@ -33,6 +34,7 @@ import torch
 from sepo.data.collate import PairBatch, collate_pairs, length_bucketed_batches
 from sepo.data.columns import INDEX
 from sepo.data.rows import rows_of
+from sepo.data.shared_prefix import with_shared_prefix
 
 
 class Draw(NamedTuple):
@@ -117,19 +119,24 @@ class PairDataset(torch.utils.data.Dataset):
 
 @dataclass
 class PairCollator:
-    """``collate_pairs`` for the loader's workers (a picklable callable): rows plus their draws -> PairBatch."""
+    """``collate_pairs`` for the loader's workers (a picklable callable): rows plus their draws -> PairBatch.
+    ``prefix_sharing``: also attach the packed layout (``batch.shared``) to two-sided batches, so the model computes
+    each prompt once; a chosen-only batch (sft) has nothing to share and stays as it is."""
 
     pad_token_id: int
     include_rejected: bool = True
     weight_columns: tuple[str, str] | None = None
     ref_columns: tuple[str, str] | None = None
     reward_columns: tuple[str, str] | None = None
+    prefix_sharing: bool = False
 
     def __call__(self, items: Sequence[tuple[dict, Draw]]) -> PairBatch:
         rows, draws = zip(*items)
-        return collate_pairs(rows, self.pad_token_id, include_rejected=self.include_rejected,
-                             weight_columns=self.weight_columns, ref_columns=self.ref_columns,
-                             reward_columns=self.reward_columns, pair_weights=[d.weight for d in draws], step_pairs=draws[0].step_pairs)
+        batch = collate_pairs(rows, self.pad_token_id, include_rejected=self.include_rejected,
+                              weight_columns=self.weight_columns, ref_columns=self.ref_columns,
+                              reward_columns=self.reward_columns, pair_weights=[d.weight for d in draws],
+                              step_pairs=draws[0].step_pairs)
+        return with_shared_prefix(batch, self.pad_token_id) if self.prefix_sharing else batch
 
 
 def pair_loader(dataset: PairDataset, sampler: GlobalBatchSampler, collate: PairCollator, *,

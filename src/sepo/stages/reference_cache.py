@@ -25,6 +25,7 @@ import torch
 from sepo.data.collate import collate_pairs, length_bucketed_batches
 from sepo.data.columns import INDEX, REF_LOGPS_COLUMNS, TOKEN_COLUMNS
 from sepo.data.rows import pair_lengths, rows_of, unpad_rows
+from sepo.data.shared_prefix import with_shared_prefix
 from sepo.errors import SepoError
 from sepo.io import dataset_fingerprint, fingerprint
 from sepo.stages import shards
@@ -48,6 +49,8 @@ def model_fingerprint(name_or_path: str) -> str:
 
 
 def cache_key(reference: str, pairs, dtype: str) -> str:
+    """Reference weights, rows and dtype. Not prefix sharing: packed and plain rows give the same log-probs up to
+    summation order (~1e-6 in fp32, far below what a loss resolves), so a cache made either way serves both."""
     return fingerprint(model_fingerprint(reference), dataset_fingerprint(pairs, TOKEN_COLUMNS), dtype)
 
 
@@ -98,14 +101,19 @@ class ReferenceLogps:
 
 
 def compute_reference_logps(reference, ds, pad_token_id: int, device, *, batch_size: int, chunk_size: int,
-                            progress=None) -> dict[str, list]:
-    """Per-token reference log-probs of every chosen/rejected response token of ``ds`` (float32 arrays, row order)."""
+                            prefix_sharing: bool = False, progress=None) -> dict[str, list]:
+    """Per-token reference log-probs of every chosen/rejected response token of ``ds`` (float32 arrays, row order).
+    ``prefix_sharing``: each pair's prompt computed once (sepo.data.shared_prefix), where the reference passes the
+    probe of ``sepo.prefix_sharing.prefix_sharing_supported``."""
     from sepo.models import response_log_probs
+    from sepo.prefix_sharing import prefix_sharing_supported
 
     out = {c: [None] * len(ds) for c in REF_LOGPS_COLUMNS}
     columns = [*TOKEN_COLUMNS, INDEX] if INDEX in ds.column_names else list(TOKEN_COLUMNS)
+    sharing = prefix_sharing and prefix_sharing_supported(reference)
     for positions in length_bucketed_batches(pair_lengths(ds), batch_size, shuffle=False):
-        batch = collate_pairs(rows_of(ds, positions, columns), pad_token_id).to(device)
+        batch = collate_pairs(rows_of(ds, positions, columns), pad_token_id)
+        batch = (with_shared_prefix(batch, pad_token_id) if sharing else batch).to(device)
         logps = response_log_probs(reference, batch, chunk_size=chunk_size)  # (2B, R)
         if not torch.isfinite(logps[batch.response_mask]).all():
             raise SepoError(f"the reference gives non-finite log-probs on dataset rows {batch.index.tolist()}; "
@@ -119,7 +127,8 @@ def compute_reference_logps(reference, ds, pad_token_id: int, device, *, batch_s
 
 
 def reference_logps(pairs, rows: Sequence[int], *, key: str, data: str, run_folder: Path, accelerator,
-                    load_reference: Callable, pad_token_id: int, batch_size: int, chunk_size: int) -> ReferenceLogps:
+                    load_reference: Callable, pad_token_id: int, batch_size: int, chunk_size: int,
+                    prefix_sharing: bool = False) -> ReferenceLogps:
     """The reference columns of ``rows`` of ``pairs``: read from the cache, the missing ones computed across the
     processes first (``load_reference()`` is called only then). Every process returns the same lookup."""
     import datasets
@@ -140,7 +149,7 @@ def reference_logps(pairs, rows: Sequence[int], *, key: str, data: str, run_fold
                 torch.inference_mode():
             shards.compute_pieces(write_to, mine, lambda piece: (compute_reference_logps(
                 reference, pairs.select(piece), pad_token_id, accelerator.device, batch_size=batch_size,
-                chunk_size=chunk_size, progress=progress), {}), features, accelerator)
+                chunk_size=chunk_size, prefix_sharing=prefix_sharing, progress=progress), {}), features, accelerator)
         del reference
     else:
         log.info("reference log-probs of all %d rows this run draws from the cache %s", len(rows), read_from[0])

@@ -31,6 +31,7 @@ from sepo.data.columns import INDEX, REWARD_COLUMNS, TOKEN_ALIGNED_COLUMNS, TOKE
 from sepo.data.load import check_context_length, recorded_name
 from sepo.data.options import DataOptions
 from sepo.data.rows import list_lengths, pair_lengths, rows_of, unpad_rows
+from sepo.data.shared_prefix import with_shared_prefix
 from sepo.errors import ConfigError, SepoError
 from sepo.io import atomic_write_json, dataset_fingerprint, fingerprint, owns_output, save_dataset
 from sepo.stages import shards
@@ -56,6 +57,10 @@ class ScoreConfig:
                                     unit="positions")
     dtype: str = option("float32", "model dtype: float32, bfloat16 or float16 (half precision on GPU); "
                         "log-softmax is always fp32", choices=("auto", "float32", "bfloat16", "float16"))
+    prefix_sharing: bool = option(True, "compute each prompt once per pair: chosen and rejected packed in one row "
+                                  "with a block attention mask (exact: fp32 rewards equal the unshared ones to "
+                                  "~1e-6); a model or attention kernel that cannot do it runs plain rows and says so "
+                                  "once (docs/performance.md)")
     tokenizer: str | None = option(None, "tokenizer for raw data (none: the oracle's)")
     overwrite: bool = option(False, "replace an existing output folder and discard a partial run of another config")
     data_options: DataOptions = option(default_factory=DataOptions, help="reading raw data (when data is not a "
@@ -87,15 +92,18 @@ def score_batch(oracle, reference, batch, beta: float, chunk_size: int) -> torch
 
 
 def score_rows(rows, oracle, reference, pad_token_id: int, device, *, beta: float, batch_size: int,
-               chunk_size: int, progress=None) -> dict:
-    """Score a Dataset slice; returns its reward columns in row order (float32 arrays) and running sums."""
+               chunk_size: int, prefix_sharing: bool = False, progress=None) -> dict:
+    """Score a Dataset slice; returns its reward columns in row order (float32 arrays) and running sums.
+    ``prefix_sharing``: each batch also carries its packed layout (one row per pair, the prompt computed once), run
+    by every model that passes ``sepo.prefix_sharing.prefix_sharing_supported`` (the others run the plain rows)."""
     out = {c: [None] * len(rows) for c in REWARD_COLUMNS}
     stats = {"pairs": len(rows), "chosen_tokens": 0, "rejected_tokens": 0, "chosen_sum": 0.0, "rejected_sum": 0.0,
              "oracle_prefers_chosen": 0}
     columns = [*TOKEN_COLUMNS, INDEX] if INDEX in rows.column_names else list(TOKEN_COLUMNS)
     # length-bucketed, not shuffled: sorted by length inside buckets, so little padding and a fixed order
     for positions in length_bucketed_batches(pair_lengths(rows), batch_size, shuffle=False):
-        batch = collate_pairs(rows_of(rows, positions, columns), pad_token_id).to(device)
+        batch = collate_pairs(rows_of(rows, positions, columns), pad_token_id)
+        batch = (with_shared_prefix(batch, pad_token_id) if prefix_sharing else batch).to(device)
         rewards = score_batch(oracle, reference, batch, beta, chunk_size)  # (2B, R)
         bad = non_finite_rows(rewards, batch.response_mask)
         if bad.numel():
@@ -159,22 +167,27 @@ def _load_pairs(cfg: ScoreConfig, tokenizer, accelerator):
 
 
 def _load_models(cfg: ScoreConfig, accelerator, pairs):
-    """The oracle and the reference, frozen on the device; pairs longer than either takes are refused (before the
-    work folder exists: a refused input leaves nothing behind)."""
+    """-> (oracle, reference, whether to pack pairs). Both models frozen on the device; pairs longer than either
+    takes are refused (before the work folder exists: a refused input leaves nothing behind). With
+    ``prefix_sharing`` both are probed now (a model that cannot share says so once): pairs are packed only when
+    both can run them."""
     from sepo.models import context_limit, load_causal_lm
+    from sepo.prefix_sharing import prefix_sharing_supported
 
     oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     for role, name, model in (("oracle", cfg.oracle, oracle), ("reference", cfg.reference, reference)):
         check_context_length(pairs, context_limit(model.config), role, name)
-    return oracle, reference
+    sharing = cfg.prefix_sharing and all([prefix_sharing_supported(oracle), prefix_sharing_supported(reference)])
+    return oracle, reference, sharing
 
 
 def _prepare_work_folder(cfg: ScoreConfig, accelerator, pairs) -> Path:
     """``<output>.partial``: one config, one partial run; its finished shards are kept for a rerun."""
     out = Path(cfg.output)
     work = out.parent / f"{out.name}.partial"
-    run_key = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "output")},
+    # prefix_sharing changes only the summation order (~1e-6 in fp32): shards made either way are kept
+    run_key = fingerprint({k: v for k, v in to_dict(cfg).items() if k not in ("overwrite", "output", "prefix_sharing")},
                           dataset_fingerprint(pairs, TOKEN_COLUMNS))
     if accelerator.is_main_process:
         previous = _read_json(work / "run.json")
@@ -191,7 +204,8 @@ def _prepare_work_folder(cfg: ScoreConfig, accelerator, pairs) -> Path:
     return work
 
 
-def _score_missing_rows(cfg: ScoreConfig, accelerator, work: Path, pairs, oracle, reference, pad_token_id: int):
+def _score_missing_rows(cfg: ScoreConfig, accelerator, work: Path, pairs, oracle, reference, pad_token_id: int,
+                        prefix_sharing: bool):
     """Score the rows no finished shard holds; this process takes every num_processes-th shard."""
     import datasets
     from tqdm.auto import tqdm
@@ -204,7 +218,8 @@ def _score_missing_rows(cfg: ScoreConfig, accelerator, work: Path, pairs, oracle
 
     def compute(rows: list[int]):
         result = score_rows(pairs.select(rows), oracle, reference, pad_token_id, accelerator.device, beta=cfg.beta,
-                            batch_size=cfg.batch_size, chunk_size=chunk_size, progress=progress)
+                            batch_size=cfg.batch_size, chunk_size=chunk_size, prefix_sharing=prefix_sharing,
+                            progress=progress)
         return result["columns"], result["stats"]
 
     features = {c: datasets.List(datasets.Value("float32")) for c in REWARD_COLUMNS}
@@ -263,9 +278,9 @@ def run(cfg: ScoreConfig):
     accelerator = make_accelerator()
     tokenizer = _load_tokenizer(cfg)
     pairs, data_metadata = _load_pairs(cfg, tokenizer, accelerator)
-    oracle, reference = _load_models(cfg, accelerator, pairs)
+    oracle, reference, sharing = _load_models(cfg, accelerator, pairs)
     work = _prepare_work_folder(cfg, accelerator, pairs)
-    _score_missing_rows(cfg, accelerator, work, pairs, oracle, reference, tokenizer.pad_token_id)
+    _score_missing_rows(cfg, accelerator, work, pairs, oracle, reference, tokenizer.pad_token_id, sharing)
     if not accelerator.is_main_process:
         return None
     return _merge_and_save(cfg, accelerator, work, pairs, tokenizer, data_metadata, started)

@@ -65,8 +65,10 @@ HYPER_PARAMETERS = {"beta": "beta", "gamma": "gamma", "label_smoothing": "label_
 MASK_DROPOUT, MASK_WEIGHT_DECAY = 0.01, 0.01
 LEARNED_MASKS = ("learned", "learned_independent")
 FAULT_ENV = "SEPO_FAULT_KILL_AFTER_STEP"  # fault injection for the kill-and-resume test: SIGKILL after step N
-# config keys that change nothing a checkpoint holds: a run may resume with other values of these
-NOT_IN_RUN_KEY = ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps", "num_workers")
+# config keys that change nothing a checkpoint holds: a run may resume with other values of these (prefix_sharing
+# changes only the summation order, ~1e-6 in fp32; it is the switch to flip when a model misbehaves packed)
+NOT_IN_RUN_KEY = ("resume", "overwrite", "output", "log_with", "eval_steps", "logging_steps", "num_workers",
+                  "prefix_sharing")
 # what one optimizer step sums over its micro-batches and processes (one all-reduce): the pairs that count, the
 # weighted sums of LossOutput's METRICS, the tokens run through the model and the micro-batches with a non-finite loss
 STATS = ("pairs", *METRICS, "tokens", "non_finite")
@@ -147,6 +149,10 @@ class TrainConfig:
     chunk_size: int | None = option(None, "response positions per LM-head + log-softmax chunk (bounds logits memory "
                                     "to chunk_size x vocab); none: 64 on CPU (below the allocator's mmap threshold), "
                                     "1024 on GPU", unit="positions")
+    prefix_sharing: bool = option(True, "compute each prompt once per pair: chosen and rejected packed in one row "
+                                  "with a block attention mask (exact: fp32 log-probs equal the unshared ones to "
+                                  "~1e-6); a model or attention kernel that cannot do it runs plain rows and says so "
+                                  "once (docs/performance.md)")
     lora: bool = option(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha (scale alpha/r)")
@@ -486,13 +492,16 @@ def _attach_reference(cfg: TrainConfig, accelerator, data: TrainData, sampler: G
             part, range(len(part)) if rows is None else rows, key=rc.cache_key(reference, part, cfg.dtype),
             data=source, run_folder=folder.work, accelerator=accelerator,
             load_reference=lambda: load_causal_lm(reference, dtype=cfg.dtype, trainable=False).to(accelerator.device),
-            pad_token_id=data.tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size)
+            pad_token_id=data.tokenizer.pad_token_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+            prefix_sharing=cfg.prefix_sharing)
     return dataclasses.replace(data, reference=found.get("train"), eval_reference=found.get("eval"))
 
 
-def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> tuple:
-    """-> (train loader, eval loader or None): the sampler's micro-batches, collated in ``num_workers`` workers; the
-    held-out pairs in a fixed order, padded to whole global batches as well."""
+def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler,
+                   prefix_sharing: bool = False) -> tuple:
+    """-> (train loader, eval loader or None): the sampler's micro-batches, collated in ``num_workers`` workers
+    (``prefix_sharing``: packed there too); the held-out pairs in a fixed order, padded to whole global batches as
+    well."""
     from sepo.data.loader import PairDataset
     from sepo.data.rows import pair_lengths
 
@@ -504,7 +513,7 @@ def _setup_loaders(cfg: TrainConfig, accelerator, data: TrainData, sampler: Glob
         columns = [*TOKEN_COLUMNS, INDEX, *(selection or ()), *(rewards or ())]
         return PairDataset(pairs, columns, joined=joined), PairCollator(
             data.tokenizer.pad_token_id, include_rejected=include_rejected, weight_columns=selection, ref_columns=refs,
-            reward_columns=rewards)
+            reward_columns=rewards, prefix_sharing=prefix_sharing)
 
     dataset, collate = dataset_and_collator(data.pairs, data.reference, cfg.loss != "sft")
     loader = pair_loader(dataset, sampler, collate, num_workers=cfg.num_workers)
@@ -546,12 +555,14 @@ def _sparse_masks_module(cfg: TrainConfig, accelerator):
 
 
 def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler: GlobalBatchSampler) -> Optimisation:
-    """Policy (LoRA optional), SparsePO's learned masks, AdamW, the schedule, the loaders; all but the schedule
-    prepared by accelerate."""
+    """Policy (LoRA optional), SparsePO's learned masks, AdamW, the schedule, the loaders (packing pairs when
+    ``prefix_sharing`` is on and every model that runs them passes the probe); all but the schedule prepared by
+    accelerate."""
     from accelerate.utils import DistributedType
     from transformers import get_scheduler
 
     from sepo.models import LoraSettings, load_causal_lm, selective_head_supported
+    from sepo.prefix_sharing import prefix_sharing_supported
 
     full_logits = accelerator.distributed_type == DistributedType.FSDP
     if needs_reference_model(cfg.loss) and full_logits:
@@ -568,22 +579,31 @@ def _setup_optimisation(cfg: TrainConfig, accelerator, data: TrainData, sampler:
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sampler.num_steps),
                               num_training_steps=sampler.num_steps)
-    loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _fill_deepspeed_config(cfg, accelerator.state.deepspeed_plugin)
     if masks is None:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        model, optimizer = accelerator.prepare(model, optimizer)
     else:  # a second prepared model: synchronised like the policy, and in the checkpoint (model_1.safetensors)
-        model, masks, optimizer, loader = accelerator.prepare(model, masks, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+        model, masks, optimizer = accelerator.prepare(model, masks, optimizer)
     ref_model = None
     if needs_reference_model(cfg.loss):  # the reference's whole distribution at every position: kept in memory
         ref_model = load_causal_lm(cfg.reference or cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
-    if not full_logits:  # the one-off selective-head probe runs a forward: do it now, in eval mode (no dropout),
-        model.eval()  # so it draws no random numbers after a resumed run restores the RNG
+    # the one-off probes run forwards: do them now, on every process, in eval mode (no dropout), so they draw no
+    # random numbers after a resumed run restores the RNG; the loaders are built after them, to know whether to pack
+    model.eval()
+    if not full_logits:
         selective_head_supported(model)
-        model.train()
+    # sparsepo reads the reference's hidden states of every layer from plain rows: nothing to pack for it
+    sharing = cfg.prefix_sharing and (cfg.loss != "sft" or data.eval_pairs is not None) and \
+        "token_masks" not in loss_inputs(cfg.loss) and all(
+        prefix_sharing_supported(m, full_logits=full_logits) for m in (model, ref_model) if m is not None)
+    model.train()
+    if sharing:
+        log.info("prefix sharing on: chosen and rejected run as one packed row per pair, each prompt computed once")
+    loader, eval_loader = _setup_loaders(cfg, accelerator, data, sampler, prefix_sharing=sharing)
+    loader = accelerator.prepare(loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
     return Optimisation(model, ref_model, optimizer, scheduler, sampler, loader, eval_loader, loss_kwargs(cfg),
                         full_logits, masks)
 
