@@ -15,7 +15,7 @@ from sepo.cli import COMMANDS
 from sepo.config import parse_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "claims").glob("*.yaml")])
 
 
 def command_of(path: Path) -> tuple[str, list[str]]:
@@ -34,7 +34,7 @@ def command_of(path: Path) -> tuple[str, list[str]]:
     return name, args
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_config_file_is_valid(path, monkeypatch, tmp_path):
     name, args = command_of(path)
     module_name, config_name, _, _ = COMMANDS[name]
