@@ -168,6 +168,7 @@ def concentration(plan, *, seed: int = 0, level: float = 0.95, resamples: int = 
             "level": conc["level"], "responses": conc["responses"]["responses"], "mean": estimate, "low": low,
             "high": high, "median": conc["responses"]["tokens_for_level_median"],
             "on_mean_curve": conc["responses"]["tokens_for_level_on_mean_curve"],
+            "gaussian": conc.get("gaussian_tokens_for_level_mean"),
             **{side: conc[side]["tokens_for_level_mean"] for side in conc["shares"]}}
         made = {k: v for k, v in variant.settings.items() if k not in ("configured", "axes", "seed")}
         groups.setdefault(json.dumps(made, sort_keys=True), []).append(
@@ -271,19 +272,19 @@ def _concentration_table(summary: dict) -> list[str]:
     level = next(iter(conc["variants"].values()))["level"]
     lines = ["## Reward concentration (the oracles' token rewards)", "",
              f"Share of a response's tokens (largest |r_t| first) that carries {level:.0%} of its sum |r_t| "
-             "(`sepo inspect`'s measure; the paper's Fig. 1 says about 35–40%; structureless Gaussian rewards give "
-             "about 50%), on the training pairs each oracle scored. Per-response mean with a 95% bootstrap CI over "
-             "responses; oracles that differ only in their seed, pooled: the mean over them, the CI resampling "
-             "oracles, then responses.",
-             "", "| variant | responses | mean [95% CI] | median | on the mean curve | chosen | rejected |",
-             "|---|---|---|---|---|---|---|"]
+             "(`sepo inspect`'s measure; the paper's Fig. 1 says about 35–40%), on the training pairs each oracle "
+             "scored: the per-response mean with a 95% bootstrap CI over responses; oracles that differ only in "
+             "their seed, pooled: the mean over them, the CI resampling oracles, then responses. Gaussian r_t: the "
+             "same measure for i.i.d. N(0, 1) rewards at the same lengths (no structure at all).",
+             "", "| variant | responses | mean [95% CI] | median | on the mean curve | chosen | rejected | "
+             "Gaussian r_t |", "|---|---|---|---|---|---|---|---|"]
     for name, v in conc["variants"].items():
         lines.append(f"| {name} | {v['responses']} | {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | "
                      f"{_f(v['median'])} | {_f(v['on_mean_curve'], 2)} | {_f(v.get('chosen'))} | "
-                     f"{_f(v.get('rejected'))} |")
+                     f"{_f(v.get('rejected'))} | {_f(v.get('gaussian'))} |")
     for v in conc["pooled"]:
         lines.append(f"| {' + '.join(v['variants'])} (oracle seeds {', '.join(map(str, v['seeds']))}) | – | "
-                     f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | – | – | – | – |")
+                     f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | – | – | – | – | – |")
     return [*lines, ""]
 
 
