@@ -107,7 +107,7 @@ def test_a_tiny_noisy_chosen_demo_runs_end_to_end(tmp_path):
     lrs = ["learning_rates.dpo=[1e-4]", "learning_rates.simpo=[1e-4]", "learning_rates.sepo=[2e-5]",
            "learning_rates.sepo_random=[1e-4]"]
     assert main(["demo", "--task", "noisy_chosen", "--output", str(out), "num_prompts=40", "eval_prompts=8",
-                 "max_new_tokens=24", "seeds=[0]", "weak_to_strong=false", "jobs=1", *lrs]) == 0
+                 "max_new_tokens=24", "seeds=0", "weak_to_strong=false", "jobs=1", *lrs]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["summary"]["frontier"]["methods"]) == {"dpo", "simpo", "sepo", "sepo_random"}
     from sepo.io import load_dataset_dir
