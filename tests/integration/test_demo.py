@@ -69,3 +69,55 @@ def test_rerunning_the_demo_resumes_without_recomputing(demo):
     again = json.loads((out / "results.json").read_text())
     assert again["summary"]["frontier"] == results["summary"]["frontier"] and again["seconds"] < results["seconds"]
     assert {p: p.stat().st_mtime_ns for p in out.glob("points/**/result.json")} == stamps
+
+
+@pytest.mark.parametrize("task", ["minimal_pairs", "noisy_chosen"])
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_task_plugs_into_the_demo_with_its_own_sizes(task, quick, tmp_path, monkeypatch):
+    """`sepo demo --task NAME [--quick]`: the task's own sizes and learning rates, its own output folder, every
+    point's config built; noisy_chosen's oracles (the strong one and the weak one, with its SFT) train on the
+    clean pairs of its oracle_options while every method trains on the noisy ones."""
+    from sepo.stages.demo import TASK_LEARNING_RATES, TASK_SIZES, DemoConfig, sweep_config
+    from sepo.stages.sweep import plan
+
+    monkeypatch.chdir(tmp_path)
+    cfg = DemoConfig(task=task, quick=quick)
+    sizes = TASK_SIZES[task]["quick" if quick else "full"]
+    assert {k: getattr(cfg, k) for k in sizes} == sizes
+    assert cfg.output == ("runs/demo-quick-" if quick else "runs/demo-") + task
+    lrs = TASK_LEARNING_RATES[task]
+    assert cfg.learning_rates == ({m: [v[0], v[-1]] for m, v in lrs.items()} if quick else lrs)
+    p = plan(sweep_config(cfg), tmp_path / cfg.output)
+    assert {pt.method for pt in p.points} == {"reference", *METHODS}
+    assert {pt.eval.max_new_tokens for pt in p.points} == {sizes["max_new_tokens"]}
+    task_dir = tmp_path / cfg.output / "task"
+    expected = str(task_dir / "oracle") if task == "noisy_chosen" else str(tmp_path / cfg.output / "base" / "data" / "train")
+    assert {v.pipeline.data for v in p.variants.values()} == {expected}
+    assert "sft" in p.variants["weak"].pipeline.stages  # the weak model's SFT reads the same (clean) pairs
+    for method in ("dpo", "simpo"):
+        point = next(pt for pt in p.points if pt.method == method)
+        assert point.train.data == str(tmp_path / cfg.output / "base" / "data" / "train")  # the task's own pairs
+
+
+@pytest.mark.slow
+def test_a_tiny_noisy_chosen_demo_runs_end_to_end(tmp_path):
+    """The demo on noisy_chosen, as small as it runs: the junk is scored as tokens to avoid, the oracle's clean
+    data reaches it, and the report holds the concentration of its token rewards."""
+    out = tmp_path / "nc"
+    lrs = ["learning_rates.dpo=[1e-4]", "learning_rates.simpo=[1e-4]", "learning_rates.sepo=[2e-5]",
+           "learning_rates.sepo_random=[1e-4]"]
+    assert main(["demo", "--task", "noisy_chosen", "--output", str(out), "num_prompts=40", "eval_prompts=8",
+                 "max_new_tokens=24", "seeds=0", "weak_to_strong=false", "jobs=1", *lrs]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["summary"]["frontier"]["methods"]) == {"dpo", "simpo", "sepo", "sepo_random"}
+    from sepo.io import load_dataset_dir
+
+    clean = load_dataset_dir(out / "variants" / "oracle" / "data" / "train")[0]  # what the oracle trained on
+    noisy = load_dataset_dir(out / "variants" / "oracle" / "data" / "score")[0]  # what it scored and selected
+    assert not any(clean["chosen_junk_spans"]) and any(noisy["chosen_junk_spans"])
+    avoid = results["summary"]["selection"]["oracle"]["oracle"]["chosen"]["avoid"]
+    assert 0 < avoid["avoid_fraction"] < 1 and 0 <= avoid["share"] <= 1 and avoid["base_rate"] > 0
+    assert "avoid" not in results["summary"]["selection"]["oracle"]["oracle"]["rejected"]
+    assert 0 < results["summary"]["concentration"]["variants"]["oracle"]["mean"] <= 1
+    table = (out / "results.md").read_text()
+    assert "# sepo demo (noisy_chosen)" in table and "Tokens to avoid" in table and "## Reward concentration" in table

@@ -124,3 +124,19 @@ def test_inspect_says_where_it_wrote_even_when_the_oracle_prefers_no_chosen_resp
     # each response spreads its |r| evenly: 80% needs ceil(0.8 n) of n tokens, whatever the sign
     n = len(ids)
     assert summary["concentration"]["responses"]["tokens_for_level_mean"] == pytest.approx(-(-8 * n // 10) / n)
+
+
+def test_concentration_summary_keeps_every_share_and_a_gaussian_reference():
+    """Chosen [0, 0] has no reward (None), [1, 0, 0, 0] needs 1 of 4 tokens for 80% (0.25); rejected [5] needs
+    its one token (1.0), [0.5, 0.5] both (1.0). Mean over the three with a reward: 0.75. Gaussian rewards of
+    one-token responses always need their one token: 1.0."""
+    from sepo.stages.inspect import concentration_summary
+
+    ds = datasets.Dataset.from_dict({"chosen_rewards": [[0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
+                                     "rejected_rewards": [[5.0], [0.5, 0.5]]})
+    out = concentration_summary(ds)
+    assert out["shares"] == {"chosen": [None, 0.25], "rejected": [1.0, 1.0]}
+    assert out["responses"]["tokens_for_level_mean"] == pytest.approx(0.75)
+    assert 0 < out["gaussian_tokens_for_level_mean"] <= 1
+    ones = datasets.Dataset.from_dict({"chosen_rewards": [[0.3]] * 3, "rejected_rewards": [[-1.0]] * 3})
+    assert concentration_summary(ones)["gaussian_tokens_for_level_mean"] == 1.0

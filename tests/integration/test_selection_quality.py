@@ -174,3 +174,35 @@ def test_selection_report_follows_a_reordered_view_of_the_rows(selected):
     assert selection_report(ds.select([1, 0]), tok, key_tokens) == selection_report(ds, tok, key_tokens)
     only_b = selection_report(ds.select([1]), tok, key_tokens)["chosen"]["every_token"]
     assert (only_b["tokens"], only_b["key_tokens"], only_b["precision"]) == (13, 4, pytest.approx(2 / 3))
+
+
+AVOID = {0: {4, 5}, 1: {8, 9, 10}}  # chosen positions to avoid, by row index; nothing in rejected responses
+
+
+def avoid_by_hand(tokenizer, row, *, first_token_only=False):
+    return ([i in AVOID[row["index"]] for i in range(len(row["chosen_input_ids"]))],
+            [False] * len(row["rejected_input_ids"]))
+
+
+def test_avoid_tokens_share_of_the_selection_against_its_base_rate(selected):
+    """Avoid A {4, 5} of 8, B {8, 9, 10} of 13 (chosen). Selected: A {2, 4}, B {1, 4, 8} -> on avoid tokens
+    A {4}, B {8}: share 2 / 5 = 0.4, recall 2 / 5 = 0.4; base rate (2 * 2/8 + 3 * 3/13) / 5 = 0.238462;
+    avoid fraction 5 / 21. AUROC of r, avoid vs the 16 others (12 zeros, 0.1 x2, 0.3, 0.5): 0.4 beats 15,
+    0.6 beats 16, each of the three zeros ties 12 -> 6: (15 + 16 + 18) / (5 * 16) = 0.6125. The rejected
+    side has none: no `avoid` entry."""
+    ds, tok, _ = selected
+    report = selection_report(ds, tok, get_task("sentiment").key_tokens, avoid_by_hand)
+    avoid = report["chosen"]["avoid"]
+    got = torch.tensor([avoid[k] for k in ("share", "base_rate", "recall", "avoid_fraction", "auroc")],
+                       dtype=torch.float64)
+    assert_close(got, torch.tensor([0.4, (0.5 + 9 / 13) / 5, 0.4, 5 / 21, 0.6125], dtype=torch.float64))
+    assert (avoid["tokens"], avoid["avoid_tokens"], avoid["selected_tokens"]) == (21, 5, 5)
+    assert "avoid" not in report["rejected"]
+    # the key-token numbers do not change
+    assert report["chosen"]["every_token"] == selection_report(ds, tok, get_task("sentiment").key_tokens)["chosen"][
+        "every_token"]
+    table = markdown_table(report)
+    assert "| chosen (top-k of r) | 0.61 | 0.238 | 0.400 | 0.238 | 0.400 |" in table
+    without = selection_report(ds.remove_columns(["chosen_mask", "rejected_mask"]), tok,
+                               get_task("sentiment").key_tokens, avoid_by_hand)["chosen"]["avoid"]
+    assert "share" not in without and without["auroc"] == pytest.approx(0.6125)

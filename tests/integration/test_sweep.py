@@ -42,7 +42,7 @@ def one_job(tmp_path_factory):
     from sepo.stages.sweep import execute
 
     out = tmp_path_factory.mktemp("sweep") / "jobs1"
-    return out, execute(tiny(out, jobs=1))
+    return out, execute(tiny(out, jobs=1, contrasts=["sepo_random - dpo"]))
 
 
 @pytest.mark.slow
@@ -84,8 +84,21 @@ def test_sweep_rows_summary_and_plot(one_job):
     assert quality["random"]["chosen"]["every_token"]["auroc"] == quality["oracle"]["chosen"]["every_token"]["auroc"]
     assert quality["random"]["chosen"]["every_token"]["selected_tokens"] == \
         quality["oracle"]["chosen"]["every_token"]["selected_tokens"]
+    # every pair's paired difference; the configured contrast, stored the other way round, negated
+    from sepo.stages.sweep_report import contrast
+
+    stored = summary["frontier"]["differences"]["dpo - sepo_random"]
+    flipped = contrast(summary["frontier"], "sepo_random - dpo")
+    for budget, d in stored.items():
+        assert d["low"] <= d["value"] <= d["high"]
+        assert flipped[budget] == {"value": -d["value"], "low": -d["high"], "high": -d["low"], "reached": d["reached"]}
+    # the oracle's reward concentration (sepo inspect's measure), with a CI over responses
+    conc = summary["concentration"]["variants"]["oracle"]
+    assert conc["level"] == 0.8 and conc["responses"] > 0 and 0 < conc["low"] <= conc["mean"] <= conc["high"] <= 1
+    assert summary["concentration"]["pooled"] == []  # one oracle: nothing to pool
     md = (out / "summary.md").read_text()
     assert "| KL ≤ 1 |" in md and "| dpo |" in md and "## Samples" in md and "## Selection quality" in md
+    assert "| sepo_random - dpo |" in md and "## Reward concentration" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not lock_path(out).exists()  # the run held the output's lock and released it
 
@@ -174,6 +187,56 @@ def test_a_task_with_oracle_options_selects_out_of_distribution(tmp_path):
     dpo = next(pt for pt in p.points if pt.method == "dpo")
     assert dpo.train.data == str(tmp_path / "n" / "base" / "data" / "train")
     assert plan(tiny(tmp_path / "s"), tmp_path / "s").variants["oracle"].pipeline.score_data is None
+
+
+def test_a_variant_may_set_its_own_seed_as_an_axis(tmp_path):
+    """variants.seeds.seed = [1, 2]: two more oracles (their own subset, data order and random control); a
+    variant without one keeps the sweep's seed, and the points' keys do not change."""
+    cfg = tiny(tmp_path / "v", seed=5, variants={"oracle": {}, "seeds": {"seed": [1, 2]}})
+    p = plan(cfg, tmp_path / "v")
+    assert {n: v.pipeline.seed for n, v in p.variants.items()} == {"oracle": 5, "seeds[seed=1]": 1, "seeds[seed=2]": 2}
+    before = plan(tiny(tmp_path / "v", seed=5), tmp_path / "v")
+    assert [pt.key for pt in p.points] == [pt.key for pt in before.points]
+
+
+def test_contrasts_name_methods_of_the_sweep(tmp_path):
+    with pytest.raises(ConfigError, match="'sepo' is not a method of this sweep"):
+        plan(tiny(tmp_path / "c", contrasts=["sepo - dpo"]), tmp_path / "c")
+    with pytest.raises(ConfigError, match="must read 'A - B'"):
+        plan(tiny(tmp_path / "c", contrasts=["dpo-sepo_random"]), tmp_path / "c")
+
+
+def test_concentration_pools_the_oracles_that_differ_only_in_their_seed(tmp_path):
+    """Per-response shares written by hand. oracle (the sweep's seed 0): chosen 0.2, 0.4, rejected 0.6 and one
+    response without reward -> mean 0.4; seeds[seed=1]: 0.5 three times -> 0.5, CI [0.5, 0.5]; k (another
+    selection): 0.3 -> not pooled. Pooled over the two oracles: (0.4 + 0.5) / 2 = 0.45."""
+    from types import SimpleNamespace
+
+    from sepo.stages.sweep_jobs import QUALITY_FILE
+    from sepo.stages.sweep_report import concentration
+
+    def variant(name, shares, **settings):
+        folder = tmp_path / name
+        folder.mkdir()
+        summary = {"level": 0.8, "shares": shares, "responses": {"responses": 4, "tokens_for_level_median": 0.4,
+                                                                 "tokens_for_level_on_mean_curve": 0.41},
+                   "chosen": {"tokens_for_level_mean": 0.3}, "rejected": {"tokens_for_level_mean": 0.6}}
+        (folder / QUALITY_FILE).write_text(json.dumps({"concentration": summary}))
+        base = {"oracle_fraction": 0.5, "oracle": {}, "score": {}, "select": {"chosen_ratio": 0.3}}
+        return name, SimpleNamespace(folder=folder, settings={"configured": name.split("[")[0], "axes": {},
+                                                              **base, **settings})
+
+    plan_ = SimpleNamespace(variants=dict([
+        variant("oracle", {"chosen": [0.2, 0.4], "rejected": [0.6, None]}),
+        variant("seeds[seed=1]", {"chosen": [0.5, 0.5], "rejected": [0.5]}, seed=1),
+        variant("k", {"chosen": [0.3], "rejected": [0.3]}, select={"chosen_ratio": 0.1})]))
+    conc = concentration(plan_, seed=0, resamples=200)
+    assert conc["variants"]["oracle"]["mean"] == pytest.approx(0.4)
+    assert (conc["variants"]["seeds[seed=1]"]["low"], conc["variants"]["seeds[seed=1]"]["high"]) == \
+        pytest.approx((0.5, 0.5))
+    (pooled,) = conc["pooled"]
+    assert pooled["variants"] == ["oracle", "seeds[seed=1]"] and pooled["seeds"] == [0, 1]
+    assert pooled["mean"] == pytest.approx(0.45) and pooled["low"] <= 0.45 <= pooled["high"]
 
 
 def test_plan_takes_axes_written_on_the_command_line(tmp_path):

@@ -15,7 +15,7 @@ from sepo.cli import COMMANDS
 from sepo.config import parse_cli
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "claims").glob("*.yaml")])
 
 
 def command_of(path: Path) -> tuple[str, list[str]]:
@@ -34,7 +34,7 @@ def command_of(path: Path) -> tuple[str, list[str]]:
     return name, args
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])
 def test_config_file_is_valid(path, monkeypatch, tmp_path):
     name, args = command_of(path)
     module_name, config_name, _, _ = COMMANDS[name]
@@ -102,3 +102,24 @@ def test_sweep_demo_yaml_is_the_demos_sweep_with_three_seeds():
     assert written.pop("seeds") == [0, 1, 2] and demo.pop("seeds") == [0, 1]
     written.pop("output"), demo.pop("output")
     assert written == demo
+
+
+def test_claim_sweeps_cover_every_task_with_three_seeds_and_each_claims_contrasts():
+    """configs/claims/TASK.yaml (docs/claims.md): one sweep per task, >= 3 training seeds, three oracle seeds for
+    the concentration, a weak oracle, k as 10/30/50/100%, and the paired differences each claim reads."""
+    from sepo.config import load
+    from sepo.stages.sweep import SweepConfig
+
+    paths = sorted((ROOT / "configs" / "claims").glob("*.yaml"))
+    assert {p.stem for p in paths} == {"sentiment", "minimal_pairs", "noisy_chosen"}
+    for path in paths:
+        cfg = load(SweepConfig, path)
+        assert cfg.task == path.stem and cfg.output == f"runs/claims/{path.stem}"
+        assert len(cfg.seeds) >= 3 and cfg.budgets == [1.0, 3.0, 10.0] and cfg.bootstrap >= 1000
+        assert sorted({cfg.seed, *cfg.variants["oracle_seeds"]["seed"]}) == [0, 1, 2]
+        assert "reference" in cfg.variants["weak"]
+        ks = {v["select"]["chosen_ratio"] for n, v in cfg.variants.items() if n.startswith("k")}
+        assert ks | {cfg.select["chosen_ratio"]} == {0.1, 0.3, 0.5, 1.0}
+        assert {"sepo - dpo", "sepo - simpo", "sepo - sepo_random", "sepo_weak - dpo", "sepo_k10 - sepo"} <= \
+            set(cfg.contrasts)
+        assert (cfg.jobs, cfg.threads) == (1, 1)

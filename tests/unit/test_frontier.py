@@ -9,8 +9,10 @@ from sepo.core.frontier import (
     AtBudget,
     Run,
     bootstrap,
+    differences,
     interval,
     method_points,
+    nested_bootstrap_mean,
     pareto_front,
     value_at_budget,
     values_at_budgets,
@@ -121,3 +123,36 @@ def test_a_method_without_seeds_in_a_resample_keeps_its_other_strengths():
 def test_runs_over_different_prompts_are_refused():
     with pytest.raises(ValueError, match="same prompts"):
         bootstrap([_run("a", "s", 0, [1.0, 2.0], [0.0, 0.0]), _run("b", "s", 0, [1.0], [0.0])], [1.0])
+
+
+def test_differences_are_paired_and_flag_a_front_that_ends_below_the_budget():
+    """b = a + 0.1 on every prompt and seed, both at KL 1: at budget 5 the difference b - a is 0.1 in every
+    resample, CI [0.1, 0.1], and both fronts end below 5 (the values are their strongest points': reached False).
+    At budget 0.5 the fronts (0, base) -> (1, r) give base + 0.5 (r - base) each: the difference is 0.05."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1):
+        reward = rng.normal(0, 1, 30)
+        runs += [_run("a", "lr", seed, reward, np.ones(30)), _run("b", "lr", seed, reward + 0.1, np.ones(30))]
+    boot = bootstrap(runs, [0.5, 5.0], baseline=np.full(30, -3.0), n_resamples=200, seed=0)
+    half, five = differences(boot, [("b", "a")])
+    assert (five.a, five.b, five.budget, five.reached) == ("b", "a", 5.0, False)
+    assert (five.value, five.low, five.high) == pytest.approx((0.1, 0.1, 0.1))
+    assert half.reached and (half.value, half.low, half.high) == pytest.approx((0.05, 0.05, 0.05))
+
+
+def test_nested_bootstrap_of_constant_groups_resamples_the_groups():
+    """Groups of constant values 1 and 3: estimate 2. A resample draws two groups with replacement: mean 1 with
+    probability 1/4, 2 with 1/2, 3 with 1/4 -- so the 2.5% and 97.5% percentiles are 1 and 3."""
+    assert nested_bootstrap_mean([np.ones(5), np.full(7, 3.0)], n_resamples=2000) == pytest.approx((2.0, 1.0, 3.0))
+
+
+def test_nested_bootstrap_of_one_group_is_the_bootstrap_of_its_mean():
+    """One group of 100 values, half 0 and half 1 (NaN ignored): mean 0.5, standard error 0.5 / sqrt(100) = 0.05,
+    so the 95% CI is about 0.5 +- 1.96 * 0.05 = [0.402, 0.598]."""
+    values = np.array([0.0, 1.0] * 50 + [np.nan])
+    estimate, low, high = nested_bootstrap_mean([values], n_resamples=4000, seed=1)
+    assert estimate == 0.5
+    assert (low, high) == pytest.approx((0.402, 0.598), abs=0.015)
+    with pytest.raises(ValueError, match="finite"):
+        nested_bootstrap_mean([values, np.array([np.nan])])

@@ -212,3 +212,48 @@ def verdicts(boot: Bootstrap, level: float = 0.95) -> list[Verdict]:
             text = f"not significant: {best} leads, but the {level:.0%} CI of its difference with {gaps} contains 0"
         out.append(Verdict(budget, best, significant, tied, differences, text))
     return out
+
+
+@dataclass
+class Difference:
+    """value(a) - value(b) at one budget: on the data as measured, and its paired-bootstrap CI."""
+
+    a: str
+    b: str
+    budget: float
+    value: float | None  # None: a method has no value at this budget
+    low: float | None
+    high: float | None
+    reached: bool  # both fronts reach the budget (else a value is a strongest point's reward: a bound)
+
+
+def differences(boot: Bootstrap, pairs: Sequence[tuple[str, str]], level: float = 0.95) -> list[Difference]:
+    """The paired difference ``value(a) - value(b)`` of each pair at every budget, with its ``level`` CI: the
+    same resamples as the values', so what the two methods share cancels (see :func:`bootstrap`)."""
+    out = []
+    for a, b in pairs:
+        ia, ib = boot.methods.index(a), boot.methods.index(b)
+        for j, budget in enumerate(boot.budgets):
+            ea, eb = boot.estimate[a][j], boot.estimate[b][j]
+            value = ea.value - eb.value if ea.value is not None and eb.value is not None else None
+            ci = interval(boot.samples[:, ia, j] - boot.samples[:, ib, j], level) if value is not None else None
+            out.append(Difference(a, b, budget, value, ci[0] if ci else None, ci[1] if ci else None,
+                                  bool(ea.reached and eb.reached)))
+    return out
+
+
+def nested_bootstrap_mean(groups: Sequence[np.ndarray], *, n_resamples: int = 1000, seed: int = 0,
+                          level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of group means and its percentile CI, resampling the groups with replacement and then, within
+    each drawn group, its members (a group = one oracle's per-response values; one group: a plain bootstrap
+    over its members). -> (estimate, low, high)."""
+    groups = [np.asarray(g, dtype=float)[np.isfinite(np.asarray(g, dtype=float))] for g in groups]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ValueError("every group needs at least one finite value")
+    rng = np.random.default_rng(seed)
+    samples = np.empty(n_resamples)
+    for r in range(n_resamples):
+        drawn = rng.integers(0, len(groups), len(groups))
+        samples[r] = np.mean([groups[g][rng.integers(0, groups[g].size, groups[g].size)].mean() for g in drawn])
+    low, high = interval(samples, level)
+    return float(np.mean([g.mean() for g in groups])), low, high

@@ -46,24 +46,53 @@ FULL = {"output": "runs/demo", "num_prompts": 1800, "eval_prompts": 340, "max_ne
         "seeds": [0, 1], "learning_rates": LEARNING_RATES}
 QUICK = {"output": "runs/demo-quick", "num_prompts": 400, "eval_prompts": 120, "max_new_tokens": 24, "num_epochs": 1,
          "seeds": [0, 1], "learning_rates": {m: [lrs[0], lrs[-1]] for m, lrs in LEARNING_RATES.items()}}
+# The other tasks, at the sizes where they show what they are built for (docs/tasks.md): longer responses, so
+# that the few edited words are a small share of the tokens; every prompt gives a pair (no ties to drop).
+# Their learning rates were calibrated on these sizes as LEARNING_RATES were (docs/demo.md).
+TASK_SIZES = {
+    "minimal_pairs": {"full": {"num_prompts": 1100, "eval_prompts": 240, "max_new_tokens": 64},
+                      "quick": {"num_prompts": 300, "eval_prompts": 96, "max_new_tokens": 40}},
+    "noisy_chosen": {"full": {"num_prompts": 1100, "eval_prompts": 240, "max_new_tokens": 64},
+                     "quick": {"num_prompts": 300, "eval_prompts": 96, "max_new_tokens": 40}},
+}
+TASK_LEARNING_RATES = {
+    "sentiment": LEARNING_RATES,
+    "minimal_pairs": {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sepo": [5e-6, 1.2e-5, 3e-5],
+                      "sepo_random": [4e-5, 9e-5, 2e-4], "sepo_weak": [1e-5, 3e-5, 8e-5]},
+    "noisy_chosen": {"dpo": [5e-5, 1.5e-4, 4e-4], "simpo": [3e-5, 8e-5, 2e-4], "sepo": [5e-6, 1.2e-5, 3e-5],
+                     "sepo_random": [4e-5, 9e-5, 2e-4], "sepo_weak": [1e-5, 3e-5, 8e-5]},
+}
+
+
+def demo_defaults(task: str, quick: bool) -> dict:
+    """The sizes, learning rates, seeds and output folder ``sepo demo [--quick] --task TASK`` runs with."""
+    out = dict(QUICK if quick else FULL)
+    out.update(TASK_SIZES.get(task, {}).get("quick" if quick else "full", {}))
+    lrs = TASK_LEARNING_RATES[task]
+    out["learning_rates"] = {m: [v[0], v[-1]] for m, v in lrs.items()} if quick else {m: list(v) for m, v in lrs.items()}
+    if task != "sentiment":
+        out["output"] = f"{out['output']}-{task}"
+    return out
 
 
 @dataclass
 class DemoConfig:
     """SePO against DPO, SimPO and a random selection at matched KL, on a task with known answers."""
 
-    output: str | None = option(None, "run folder (none: runs/demo, quick runs/demo-quick); rerunning resumes: "
-                                "finished stages and points are kept")
+    output: str | None = option(None, "run folder (none: runs/demo, quick runs/demo-quick; another task: -TASK "
+                                "appended); rerunning resumes: finished stages and points are kept")
     quick: bool = option(False, "the small version the test suite runs: fewer prompts, shorter samples, two "
                          "learning rates per method instead of three; any size key set explicitly wins")
     task: str = option("sentiment", "the known-answer task (sepo.tasks)", choices=TASK_NAMES)
     task_options: dict[str, Any] = option({}, "the task's own knobs (sentiment: bt_temperature)")
     model: str = option("stories260k", "policy, reference and sampler of the task's pairs; the weak oracle's kit model "
                         "uses its tokenizer")
-    num_prompts: int | None = option(None, "training prompts, two samples each (none: 1800, quick 400)",
-                                     unit="prompts")
-    eval_prompts: int | None = option(None, "held-out prompts (none: 340, quick 120)", unit="prompts")
-    max_new_tokens: int | None = option(None, "length of sampled continuations (none: 40, quick 24)", unit="tokens")
+    num_prompts: int | None = option(None, "training prompts, a pair each (none: sentiment 1800, quick 400; "
+                                     "minimal_pairs and noisy_chosen 1100, quick 300)", unit="prompts")
+    eval_prompts: int | None = option(None, "held-out prompts (none: sentiment 340, quick 120; minimal_pairs and "
+                                      "noisy_chosen 240, quick 96)", unit="prompts")
+    max_new_tokens: int | None = option(None, "length of sampled continuations (none: sentiment 40, quick 24; "
+                                        "minimal_pairs and noisy_chosen 64, quick 40)", unit="tokens")
     num_epochs: float | None = option(None, "epochs of every policy run (none: 1); the oracles get one more",
                                       unit="epochs")
     label_noise: float = option(0.0, "probability of flipping a label after the task's draw")
@@ -71,8 +100,9 @@ class DemoConfig:
     oracle_learning_rate: float = option(1e-4, "learning rate of both oracles' DPO")
     ratio: float = option(0.3, "k: share of tokens selected per response (SePO and the random control)")
     learning_rates: dict[str, list[float]] | None = option(
-        None, "method -> its learning rates, the strength axis (none: three per method, quick the lowest and "
-        "highest; see LEARNING_RATES in sepo/stages/demo.py)")
+        None, "method -> its learning rates, the strength axis (none: three per method, calibrated per task, "
+        "quick the lowest and highest; see TASK_LEARNING_RATES in sepo/stages/demo.py); a method left out keeps "
+        "its defaults")
     seeds: list[int] | None = option(None, "training seeds of every point (none: 0, 1)")
     batch_size: int = option(16, "pairs per optimizer step", unit="pairs")
     weak_to_strong: bool = option(True, "also run SePO with the selection of a weak 2-layer oracle")
@@ -86,7 +116,9 @@ class DemoConfig:
                                  "(docs/demo.md, Run time)")
 
     def __post_init__(self):
-        sizes = QUICK if self.quick else FULL
+        if self.task not in TASK_NAMES:
+            raise ConfigError(f"unknown task '{self.task}'; known tasks: {', '.join(TASK_NAMES)}")
+        sizes = demo_defaults(self.task, self.quick)
         for key, value in sizes.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -107,8 +139,7 @@ def sweep_config(cfg: DemoConfig):
     """The sweep the demo runs."""
     from sepo.stages.sweep import SweepConfig
 
-    lrs = {**LEARNING_RATES, **cfg.learning_rates} if not cfg.quick else {**QUICK["learning_rates"],
-                                                                            **cfg.learning_rates}
+    lrs = {**demo_defaults(cfg.task, cfg.quick)["learning_rates"], **cfg.learning_rates}
     methods = {"dpo": {"loss": "dpo"}, "simpo": {"loss": "simpo"}, "sepo": {"loss": "sepo", "variant": "oracle"},
                "sepo_random": {"loss": "sepo", "selection": "random", "variant": "oracle"}}
     variants: dict[str, dict] = {"oracle": {}}

@@ -179,10 +179,18 @@ def measure_concentration(flat: dict[str, tuple[torch.Tensor, torch.Tensor]], le
 
 
 def concentration_summary(ds, *, level: float = 0.8, batch_rows: int = 4096) -> dict:
-    """The concentration section of ``summary.json`` for a dataset with ``chosen_rewards`` / ``rejected_rewards``."""
+    """The concentration section of ``summary.json`` for a dataset with ``chosen_rewards`` / ``rejected_rewards``,
+    plus ``shares``: side -> every response's share of tokens for the level (None: no reward), in row order
+    (``sepo sweep`` bootstraps its CIs from them), and ``gaussian_tokens_for_level_mean``: the same mean for
+    rewards without structure -- i.i.d. N(0, 1) at the same response lengths (seeded) -- to read it against."""
     table = arrow_table(ds)
     flat = {side: flat_column(table, f"{side}_rewards") for side in SIDES}
-    return measure_concentration(flat, level, batch_rows).summary()
+    conc = measure_concentration(flat, level, batch_rows)
+    shares = {side: [None if x != x else round(x, 5) for x in conc.shares[side].tolist()] for side in SIDES}
+    gen = torch.Generator().manual_seed(0)
+    noise = {side: (torch.randn(values.shape, generator=gen), lengths) for side, (values, lengths) in flat.items()}
+    gaussian = measure_concentration(noise, level, batch_rows).summary()["responses"]["tokens_for_level_mean"]
+    return {**conc.summary(), "shares": shares, "gaussian_tokens_for_level_mean": gaussian}
 
 
 def reward_statistics(flat: dict, masks: dict | None) -> dict:
@@ -294,10 +302,12 @@ def run(cfg: InspectConfig) -> dict:
     summary["concentration"] = concentration.summary()
     tokenizer = _tokenizer(cfg, meta, required=key_tokens is not None)
     if key_tokens is not None:
+        from sepo.tasks import get_task
         from sepo.tasks.quality import selection_report
 
+        avoid = get_task(cfg.task).avoid_tokens if cfg.task else None
         summary["selection_quality"] = {"key_tokens": cfg.key_tokens or f"task {cfg.task}",
-                                        **selection_report(ds, tokenizer, key_tokens)}
+                                        **selection_report(ds, tokenizer, key_tokens, avoid)}
     _write_report(out, cfg, ds, meta, summary, flat, masks, concentration, tokenizer)
     _log_summary(summary, out)
     return summary

@@ -46,7 +46,7 @@ from sepo.io import atomic_write_json, atomic_write_text, fingerprint, owns_outp
 log = logging.getLogger(__name__)
 SELECTIONS = ("oracle", "random", "none")
 METHOD_KEYS = ("loss", "selection", "variant")  # the rest of a method's mapping are train keys
-VARIANT_KEYS = ("reference", "sft", "oracle_fraction", "oracle", "score", "select")
+VARIANT_KEYS = ("reference", "sft", "oracle_fraction", "seed", "oracle", "score", "select")
 OWNED_TRAIN_KEYS = ("model", "data", "output", "reference", "seed", "resume", "overwrite")
 OWNED_EVAL_KEYS = ("model", "reference", "data", "output", "reward", "seed", "overwrite", "vocabulary_data",
                    "generator_name", "accuracy_metric")
@@ -90,7 +90,8 @@ class SweepConfig:
     select: dict[str, Any] = option({}, "select keys (strategy, chosen_ratio, rejected_ratio, ...)")
     variants: dict[str, dict[str, Any]] = option(
         {"oracle": {}}, "shared oracles and selections, name -> overrides of reference (+ its sft), "
-        "oracle_fraction, oracle, score, select; a list value is an axis (one variant per value)")
+        "oracle_fraction, seed (the oracle's subset and data order, the random control), oracle, score, select; a "
+        "list value is an axis (one variant per value)")
     # ---- points
     methods: dict[str, dict[str, Any]] = option(
         {"dpo": {"loss": "dpo"}, "sepo": {"loss": "sepo"}},
@@ -104,6 +105,8 @@ class SweepConfig:
     # ---- statistics
     budgets: list[float] = option([1.0, 3.0, 10.0], "KL budgets at which methods are compared", unit="nats")
     bootstrap: int = option(1000, "paired bootstrap resamples (seeds and prompts) for the confidence intervals")
+    contrasts: list[str] = option([], "method pairs 'A - B' whose paired difference at each budget summary.md "
+                                  "tabulates, with its CI (summary.json holds every pair's)")
     # ---- execution
     jobs: int = option(1, "worker processes running points in parallel")
     threads: int | None = option(None, "torch threads of each worker (and of the shared stages); none: CPU cores "
@@ -320,7 +323,7 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
                               "sweep's SFT is the top-level sft key)")
         axes: dict[str, list] = {}
         fixed: dict[str, Any] = {}
-        for key in ("reference", "oracle_fraction"):
+        for key in ("reference", "oracle_fraction", "seed"):  # seed: the oracle's subset and order, the random control
             value = _literal(spec.get(key, cfg.oracle_fraction if key == "oracle_fraction" else None))
             if isinstance(value, list):
                 axes[key] = value
@@ -349,7 +352,7 @@ def expand_variants(cfg: SweepConfig, out: Path, randomised: set[str]) -> dict[s
                 "score_data": str(out / "base" / "data" / "train") if oracle_data else None,
                 "eval_data": str(out / "base" / "data" / "eval"), "reference": own_reference or reference,
                 "policy": policy if (own_reference or policy != reference) else None, "stages": stages,
-                "oracle_fraction": settings["oracle_fraction"], "seed": cfg.seed,
+                "oracle_fraction": settings["oracle_fraction"], "seed": settings.get("seed", cfg.seed),
                 "methods": {"control": {"loss": "sepo", "selection": "random"}} if name in randomised else {},
                 "sft": settings["sft"], "oracle": settings["oracle"], "score": settings["score"],
                 "select": settings["select"], "data_options": to_dict(cfg.data_options)})
@@ -461,6 +464,13 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) ->
                                         strength=strength, strength_label=axis_label(strength) or "default",
                                         seed=seed, key=key, train=train_cfg, eval=eval_cfg,
                                         keep_policy=cfg.keep_policies))
+    curves = {p.method for p in points}
+    for contrast in cfg.contrasts:
+        a, b = parse_contrast(contrast)
+        unknown = [m for m in (a, b) if m not in curves]
+        if unknown:
+            raise ConfigError(f"contrasts: {unknown[0]!r} is not a method of this sweep (its curves: "
+                              f"{', '.join(sorted(curves))})")
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError("two points get the same name; give the methods names that differ after "
@@ -472,6 +482,14 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) ->
 
 
 # --------------------------------------------------------------------------- run
+
+
+def parse_contrast(text: str) -> tuple[str, str]:
+    """'sepo - dpo' -> ('sepo', 'dpo')."""
+    parts = [t.strip() for t in str(text).split(" - ")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"contrasts: {text!r} must read 'A - B' (two method names, ' - ' between them)")
+    return parts[0], parts[1]
 
 
 def resolved_threads(cfg: SweepConfig) -> int:

@@ -208,11 +208,14 @@ QUALITY_FILE = "selection_quality.json"
 
 
 def selection_quality(variant) -> dict:
-    """The variant's selections (oracle and random control) against the task's known key tokens
-    (``sepo.tasks.quality.selection_report``), in ``<variant>/selection_quality.json``; kept while the
-    selections it was computed on are (their markers' fingerprints)."""
+    """The variant's selections (oracle and random control) against the task's known key tokens and tokens to
+    avoid (``sepo.tasks.quality.selection_report``), and the concentration of its oracle's token rewards
+    (``sepo inspect``'s measure, with every response's share for the CIs), in
+    ``<variant>/selection_quality.json``; kept while the selections it was computed on are (their markers'
+    fingerprints)."""
     from sepo.io import load_dataset_dir
     from sepo.models import load_tokenizer
+    from sepo.stages.inspect import concentration_summary
     from sepo.tasks import get_task
     from sepo.tasks.quality import selection_report
 
@@ -221,15 +224,18 @@ def selection_quality(variant) -> dict:
     path = variant.folder / QUALITY_FILE
     if path.is_file():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("made_from") == made_from:
+        if stored.get("made_from") == made_from and "concentration" in stored:
             return stored
-    tokenizer, key_tokens = load_tokenizer(variant.tokenizer), get_task(variant.task).key_tokens
+    task = get_task(variant.task)
+    tokenizer = load_tokenizer(variant.tokenizer)
     reports = {}
     for selection, name in (("oracle", "selected"), ("random", "selected-random")):
         if name in made_from:
             ds = load_dataset_dir(variant.folder / name, ("chosen_mask", "rejected_mask"))[0]
-            reports[selection] = selection_report(ds, tokenizer, key_tokens)
-    out = {"variant": variant.name, "task": variant.task, "made_from": made_from, "reports": reports}
+            reports[selection] = selection_report(ds, tokenizer, task.key_tokens, task.avoid_tokens)
+    concentration = concentration_summary(load_dataset_dir(variant.folder / "selected", ("chosen_rewards",))[0])
+    out = {"variant": variant.name, "task": variant.task, "made_from": made_from, "reports": reports,
+           "concentration": concentration}
     atomic_write_json(path, out)
     return out
 

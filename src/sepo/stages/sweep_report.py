@@ -43,7 +43,8 @@ def write(cfg, plan, rows: list[dict], *, seconds: float) -> dict:
         frontier_plot(plan.out / "frontier.png", rows, summary)
         summary["plots"] = ["frontier.png"]
     summary["selection"] = selection_quality(plan)
-    summary["markdown"] = markdown(summary, rows)
+    summary["concentration"] = concentration(plan, seed=cfg.seed, resamples=cfg.bootstrap)
+    summary["markdown"] = markdown(summary, rows, contrasts=list(getattr(cfg, "contrasts", [])))
     atomic_write_json(plan.out / "summary.json", {k: v for k, v in summary.items() if k != "markdown"})
     atomic_write_text(plan.out / "summary.md", summary["markdown"])
     return summary
@@ -121,8 +122,65 @@ def matched_kl(cfg, reference: tuple[dict, list[dict]], trained: list[tuple[dict
     verdicts = [{"budget": v.budget, "best": v.best, "significant": v.significant, "tied": v.tied,
                  "differences": {k: list(ci) for k, ci in v.differences.items()}, "text": v.text}
                 for v in frontier.verdicts(boot)]
-    return {"methods": methods, "verdicts": verdicts, "num_prompts": boot.num_prompts, "seeds": boot.seeds,
-            "resamples": cfg.bootstrap}
+    pairs = [(a, b) for i, a in enumerate(boot.methods) for b in boot.methods[i + 1:]]
+    differences = {}
+    for d in frontier.differences(boot, pairs):
+        differences.setdefault(f"{d.a} - {d.b}", {})[f"{d.budget:g}"] = {
+            "value": d.value, "low": d.low, "high": d.high, "reached": d.reached}
+    return {"methods": methods, "verdicts": verdicts, "differences": differences, "num_prompts": boot.num_prompts,
+            "seeds": boot.seeds, "resamples": cfg.bootstrap}
+
+
+def contrast(fr: dict, text: str) -> dict | None:
+    """budget -> the difference 'A - B' (a pair stored the other way round is negated); None if a method has
+    no finished point."""
+    from sepo.stages.sweep import parse_contrast
+
+    a, b = parse_contrast(text)
+    if f"{a} - {b}" in fr["differences"]:
+        return fr["differences"][f"{a} - {b}"]
+    if f"{b} - {a}" not in fr["differences"]:
+        return None
+    flip = lambda x: None if x is None else -x  # noqa: E731
+    return {budget: {"value": flip(d["value"]), "low": flip(d["high"]), "high": flip(d["low"]),
+                     "reached": d["reached"]} for budget, d in fr["differences"][f"{b} - {a}"].items()}
+
+
+def concentration(plan, *, seed: int = 0, level: float = 0.95, resamples: int = 1000) -> dict:
+    """Each variant's reward concentration (``sepo inspect``'s: the share of a response's tokens carrying 80% of
+    its sum |r_t|, on the training pairs it selected on): the per-response mean with a bootstrap CI over
+    responses. Variants that differ only in their ``seed`` (oracles trained on other subsets, in another order)
+    are also pooled: the mean over the oracles, its CI resampling oracles, then responses. ``seed`` is the
+    sweep's (a variant's default) and the bootstrap's. -> {"variants": {name: ...}, "pooled": [...]}"""
+    from sepo.stages.sweep_jobs import QUALITY_FILE
+
+    per_variant, groups = {}, {}
+    for name, variant in plan.variants.items():
+        path = variant.folder / QUALITY_FILE
+        conc = json.loads(path.read_text(encoding="utf-8")).get("concentration") if path.is_file() else None
+        if not conc:
+            continue
+        every = np.array([np.nan if x is None else x for side in conc["shares"].values() for x in side], dtype=float)
+        if not np.isfinite(every).any():
+            continue
+        estimate, low, high = frontier.nested_bootstrap_mean([every], n_resamples=resamples, seed=seed, level=level)
+        per_variant[name] = {
+            "level": conc["level"], "responses": conc["responses"]["responses"], "mean": estimate, "low": low,
+            "high": high, "median": conc["responses"]["tokens_for_level_median"],
+            "on_mean_curve": conc["responses"]["tokens_for_level_on_mean_curve"],
+            "gaussian": conc.get("gaussian_tokens_for_level_mean"),
+            **{side: conc[side]["tokens_for_level_mean"] for side in conc["shares"]}}
+        made = {k: v for k, v in variant.settings.items() if k not in ("configured", "axes", "seed")}
+        groups.setdefault(json.dumps(made, sort_keys=True), []).append(
+            (name, variant.settings.get("seed", seed), every))
+    pooled = []
+    for members in groups.values():
+        if len({m[1] for m in members}) > 1:
+            estimate, low, high = frontier.nested_bootstrap_mean([m[2] for m in members], n_resamples=resamples,
+                                                                 seed=seed, level=level)
+            pooled.append({"variants": [m[0] for m in members], "seeds": [m[1] for m in members],
+                           "mean": estimate, "low": low, "high": high})
+    return {"variants": per_variant, "pooled": pooled} if per_variant else {}
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -134,7 +192,7 @@ def _f(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(summary: dict, rows: list[dict]) -> str:
+def markdown(summary: dict, rows: list[dict], contrasts: list[str] | None = None) -> str:
     lines = [f"# sepo sweep: {summary['output']}", ""]
     fr = summary.get("frontier")
     if fr is None:
@@ -167,6 +225,7 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         lines += ["", "| budget | verdict |", "|---|---|"]
         lines += [f"| KL ≤ {v['budget']:g} | {v['text']} |" for v in fr["verdicts"]]
         lines.append("")
+        lines += _contrast_table(fr, budgets, contrasts or [])
     lines += ["## Points (means over seeds)", "",
               "| method | strength | seeds | tokens trained | " + " | ".join(t for _, t in TABLE) + " |",
               "|---" * (len(TABLE) + 4) + "|"]
@@ -179,11 +238,54 @@ def markdown(summary: dict, rows: list[dict]) -> str:
               "sample's word trigrams that repeat; unknown words: share of words never seen in the training texts; "
               "U+FFFD: share of replacement characters; tokens: mean sample length.", ""]
     lines += _selection_tables(summary)
+    lines += _concentration_table(summary)
     if summary["failed"]:
         lines += ["## Failed points", ""] + [f"- {f['id']}: {f['error']}" for f in summary["failed"]] + [""]
     lines += _samples(summary, rows)
     lines.append(f"{summary['num_points']} points; finished in {summary['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _contrast_table(fr: dict, budgets: list[float], contrasts: list[str]) -> list[str]:
+    """The configured contrasts: each paired difference at each budget, with its 95% CI."""
+    rows = [(text, contrast(fr, text)) for text in contrasts]
+    rows = [(text, d) for text, d in rows if d is not None]
+    if not rows:
+        return []
+    lines = ["Paired differences (the same bootstrap resamples; a CI above 0: the first method is ahead):", "",
+             "| difference | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for text, d in rows:
+        cells = []
+        for b in budgets:
+            at = d[f"{b:g}"]
+            cells.append("–" if at["value"] is None else
+                         f"{at['value']:+.3f} [{at['low']:+.3f}, {at['high']:+.3f}]{'' if at['reached'] else ' †'}")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return [*lines, "", "† a front ends below the budget: a strongest point's reward stands in for its value.", ""]
+
+
+def _concentration_table(summary: dict) -> list[str]:
+    """Each variant's reward concentration (and the pooled value of a swept variant)."""
+    conc = summary.get("concentration")
+    if not conc:
+        return []
+    level = next(iter(conc["variants"].values()))["level"]
+    lines = ["## Reward concentration (the oracles' token rewards)", "",
+             f"Share of a response's tokens (largest |r_t| first) that carries {level:.0%} of its sum |r_t| "
+             "(`sepo inspect`'s measure; the paper's Fig. 1 says about 35–40%), on the training pairs each oracle "
+             "scored: the per-response mean with a 95% bootstrap CI over responses; oracles that differ only in "
+             "their seed, pooled: the mean over them, the CI resampling oracles, then responses. Gaussian r_t: the "
+             "same measure for i.i.d. N(0, 1) rewards at the same lengths (no structure at all).",
+             "", "| variant | responses | mean [95% CI] | median | on the mean curve | chosen | rejected | "
+             "Gaussian r_t |", "|---|---|---|---|---|---|---|---|"]
+    for name, v in conc["variants"].items():
+        lines.append(f"| {name} | {v['responses']} | {v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | "
+                     f"{_f(v['median'])} | {_f(v['on_mean_curve'], 2)} | {_f(v.get('chosen'))} | "
+                     f"{_f(v.get('rejected'))} | {_f(v.get('gaussian'))} |")
+    for v in conc["pooled"]:
+        lines.append(f"| {' + '.join(v['variants'])} (oracle seeds {', '.join(map(str, v['seeds']))}) | – | "
+                     f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] | – | – | – | – | – |")
+    return [*lines, ""]
 
 
 def _selection_tables(summary: dict) -> list[str]:

@@ -14,6 +14,11 @@ For each side, counted on every token of a key word and again on only the first 
   selection of the same number of tokens per response), its ``ceiling`` (the best any selection of that
   many tokens per response could do) and ``recall``; see :mod:`sepo.core.metrics`.
 
+Where a task also names tokens to *avoid* (``Task.avoid_tokens``: noisy_chosen's junk), each side that has
+any gets ``avoid``: the share of its selection that lands on them against the same base rate -- a selection
+that ignores the junk lands on it as often as a random one; one that avoids it, less -- and the AUROC of the
+signed reward for avoid vs other tokens (above 0.5: the ranking pulls the junk *into* the selection).
+
 :func:`selection_report` computes it over a ``sepo select`` (or ``sepo score``: AUROC only) dataset;
 :func:`markdown_table` prints it.
 """
@@ -82,7 +87,18 @@ def _side(score: torch.Tensor, key: torch.Tensor, selected: torch.Tensor | None,
     return {k: _clean(v) for k, v in out.items()}
 
 
-def selection_report(ds, tokenizer, key_tokens: KeyTokens) -> dict:
+def _avoid(score: torch.Tensor, avoid: torch.Tensor, selected: torch.Tensor | None, lengths: torch.Tensor) -> dict:
+    """Tokens to avoid on one side: AUROC of the signed score (avoid vs other), and with a selection the share of
+    it on avoid tokens (``share``) beside a random selection's (``base_rate``) and the avoid tokens' ``recall``."""
+    out = {"auroc": auroc(score, avoid), "avoid_fraction": float(avoid.double().mean()),
+           "tokens": int(avoid.numel()), "avoid_tokens": int(avoid.sum())}
+    if selected is not None:
+        p = selection_precision(selected, avoid, lengths)
+        out.update(share=p.precision, base_rate=p.base_rate, recall=p.recall, selected_tokens=p.selected_tokens)
+    return {k: _clean(v) for k, v in out.items()}
+
+
+def selection_report(ds, tokenizer, key_tokens: KeyTokens, avoid_tokens: KeyTokens | None = None) -> dict:
     """Polarity-aware quality of the token rewards and the selection of a ``sepo select`` dataset.
 
     ``ds`` has ``chosen_input_ids``, ``rejected_input_ids``, ``chosen_rewards``, ``rejected_rewards`` and,
@@ -92,6 +108,9 @@ def selection_report(ds, tokenizer, key_tokens: KeyTokens) -> dict:
     side holds ``score`` ("r" or "-r": how the selection ranks its tokens) and, per counting in
     :data:`COUNTINGS`, ``auroc``, ``key_fraction``, ``tokens``, ``key_tokens`` and with a selection
     ``precision``, ``base_rate``, ``ceiling``, ``recall``, ``selected_fraction``, ``selected_tokens``.
+    With ``avoid_tokens`` (a ``Task.avoid_tokens``), a side holding any avoid token also gets ``avoid``:
+    ``auroc``, ``avoid_fraction``, ``tokens``, ``avoid_tokens`` and with a selection ``share`` (selected tokens
+    that are avoid tokens), ``base_rate``, ``recall``, ``selected_tokens``.
     Undefined ratios (no key token, nothing selected) are None.
     """
     missing = {f"{s}_{c}" for s in SIDES for c in ("input_ids", "rewards")} - set(ds.column_names)
@@ -102,6 +121,7 @@ def selection_report(ds, tokenizer, key_tokens: KeyTokens) -> dict:
     table = arrow_table(ds)
     keys = {counting: key_token_masks(ds, tokenizer, key_tokens, first_token_only=counting == "first_token")
             for counting in COUNTINGS}
+    avoid = key_token_masks(ds, tokenizer, avoid_tokens) if avoid_tokens is not None else None
     report: dict = {"pairs": len(ds), "has_selection": has_selection}
     for side in SIDES:
         rewards, lengths = _aligned(table, side, "rewards")
@@ -109,6 +129,8 @@ def selection_report(ds, tokenizer, key_tokens: KeyTokens) -> dict:
         score = SIGN[side] * rewards.double()  # (T,)
         report[side] = {"score": "r" if SIGN[side] > 0 else "-r",
                         **{c: _side(score, keys[c][side], selected, lengths) for c in COUNTINGS}}
+        if avoid is not None and avoid[side].any():
+            report[side]["avoid"] = _avoid(score, avoid[side], selected, lengths)
     return report
 
 
@@ -136,4 +158,18 @@ def markdown_table(report: dict, title: str | None = None) -> str:
               "as the selection ranks them (0.5 = chance)."
               + (" Base rate: the precision of a random selection of as many tokens per response; ceiling: the "
                  "best precision any selection of that many tokens could reach." if selection else "")]
+    avoided = [side for side in SIDES if "avoid" in report[side]]
+    if avoided:
+        head = ["side (ranked by)", "AUROC", "avoid tokens"] + (["share of the selection", "base rate", "recall"]
+                                                               if selection else [])
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for side in avoided:
+            m = report[side]["avoid"]
+            cells = [describe[side], _fmt(m["auroc"], 2), _fmt(m["avoid_fraction"])]
+            cells += [_fmt(m[k]) for k in ("share", "base_rate", "recall")] if selection else []
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Tokens to avoid (the task's `avoid_tokens`: junk a selection should leave out): their share "
+                  "of all tokens; AUROC above 0.5 means the ranking pulls them into the selection"
+                  + ("; share of the selection: selected tokens that are to be avoided, against a random "
+                     "selection's (base rate) -- lower is better." if selection else ".")]
     return "\n".join(lines) + "\n"
