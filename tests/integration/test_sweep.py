@@ -42,7 +42,7 @@ def one_job(tmp_path_factory):
     from sepo.stages.sweep import execute
 
     out = tmp_path_factory.mktemp("sweep") / "jobs1"
-    return out, execute(tiny(out, jobs=1))
+    return out, execute(tiny(out, jobs=1, compare_to="dpo"))
 
 
 @pytest.mark.slow
@@ -84,8 +84,18 @@ def test_sweep_rows_summary_and_plot(one_job):
     assert quality["random"]["chosen"]["every_token"]["auroc"] == quality["oracle"]["chosen"]["every_token"]["auroc"]
     assert quality["random"]["chosen"]["every_token"]["selected_tokens"] == \
         quality["oracle"]["chosen"]["every_token"]["selected_tokens"]
+    # compare_to: sepo_random's paired difference with dpo at every budget, its CI around the estimate
+    versus = summary["frontier"]["versus"]
+    assert versus["method"] == "dpo" and list(versus["budgets"]) == ["1", "3", "10"]
+    for budget, by_method in versus["budgets"].items():
+        assert set(by_method) == {"sepo_random"}
+        d, at = by_method["sepo_random"], summary["frontier"]["methods"]
+        assert d["value"] == pytest.approx(at["sepo_random"]["at_budget"][budget]["value"]
+                                           - at["dpo"]["at_budget"][budget]["value"])
+        assert d["low"] <= d["value"] <= d["high"] and d["sign"] in (-1, 0, 1)
     md = (out / "summary.md").read_text()
     assert "| KL ≤ 1 |" in md and "| dpo |" in md and "## Samples" in md and "## Selection quality" in md
+    assert "### Against dpo" in md
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not lock_path(out).exists()  # the run held the output's lock and released it
 
@@ -196,6 +206,7 @@ def test_plan_takes_axes_written_on_the_command_line(tmp_path):
     ({"task_options": {"temperature_x": 1}}, "not an option of task sentiment"),
     ({"data": "somewhere"}, "exactly one of task"),
     ({"budgets": [0, 1]}, "budgets"),
+    ({"compare_to": "dpoo"}, "compare_to is 'dpoo'; the methods are dpo, sepo_random"),
 ])
 def test_plan_errors_are_clear(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):

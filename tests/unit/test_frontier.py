@@ -9,6 +9,7 @@ from sepo.core.frontier import (
     AtBudget,
     Run,
     bootstrap,
+    differences_from,
     interval,
     method_points,
     pareto_front,
@@ -121,3 +122,25 @@ def test_a_method_without_seeds_in_a_resample_keeps_its_other_strengths():
 def test_runs_over_different_prompts_are_refused():
     with pytest.raises(ValueError, match="same prompts"):
         bootstrap([_run("a", "s", 0, [1.0, 2.0], [0.0, 0.0]), _run("b", "s", 0, [1.0], [0.0])], [1.0])
+
+
+def test_differences_from_a_baseline_are_paired_and_signed():
+    """b = a + 0.1 and c = a - 0.2 on every prompt and seed, all at the same KL (well within the budget 5), so
+    whatever a resample draws, b - a = +0.1 and c - a = -0.2 exactly: CIs [0.1, 0.1] (significantly above, sign
+    +1) and [-0.2, -0.2] (below, -1). d has its only point at KL 9 > 5, so no value within the budget: no
+    difference, sign 0."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1):
+        reward, kl = rng.normal(0, 1, 40), rng.uniform(0.5, 1.5, 40)
+        runs += [_run("a", "lr", seed, reward, kl), _run("b", "lr", seed, reward + 0.1, kl),
+                 _run("c", "lr", seed, reward - 0.2, kl), _run("d", "lr", seed, reward, kl + 8.0)]
+    boot = bootstrap(runs, [5.0], n_resamples=200, seed=0)
+    (row,) = differences_from(boot, "a")
+    by = {d.method: d for d in row}
+    assert set(by) == {"b", "c", "d"}
+    assert (by["b"].value, by["b"].low, by["b"].high, by["b"].sign) == pytest.approx((0.1, 0.1, 0.1, 1))
+    assert (by["c"].value, by["c"].low, by["c"].high, by["c"].sign) == pytest.approx((-0.2, -0.2, -0.2, -1))
+    assert by["d"].value is None and by["d"].low is None and by["d"].sign == 0
+    with pytest.raises(ValueError, match="not one of the methods"):
+        differences_from(boot, "dpo")

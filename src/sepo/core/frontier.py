@@ -17,7 +17,7 @@ reaches *within the same KL budget* (the reward–KL frontier of Rafailov et al.
   draws one multiset of seeds and one of prompts and applies it to every method, so the paired difference of
   two methods' values cancels what they share (the prompts, the seed's data order). :func:`verdicts` names
   the best method at each budget, or says that its lead is not significant (the CI of a paired difference
-  contains 0).
+  contains 0); :func:`differences_from` gives every method's paired difference with one baseline method.
 
 Every method's points include the reference (the untrained policy) at KL 0: the front starts there.
 KL estimates below 0 (Monte-Carlo noise around a policy that barely moved) count as 0.
@@ -211,4 +211,43 @@ def verdicts(boot: Bootstrap, level: float = 0.95) -> list[Verdict]:
             gaps = ", ".join(f"{m} [{differences[m][0]:+.3f}, {differences[m][1]:+.3f}]" for m in tied)
             text = f"not significant: {best} leads, but the {level:.0%} CI of its difference with {gaps} contains 0"
         out.append(Verdict(budget, best, significant, tied, differences, text))
+    return out
+
+
+@dataclass(frozen=True)
+class Difference:
+    """value(method) - value(against) at one budget: the estimate on the data as measured and its paired CI."""
+
+    method: str
+    budget: float
+    value: float | None  # None: one of the two has no value within this budget
+    low: float | None
+    high: float | None
+
+    @property
+    def sign(self) -> int:
+        """+1: significantly above ``against``, -1: significantly below, 0: the CI contains 0 (or no CI)."""
+        if self.low is None or self.high is None:
+            return 0
+        return 1 if self.low > 0 else -1 if self.high < 0 else 0
+
+
+def differences_from(boot: Bootstrap, against: str, level: float = 0.95) -> list[list[Difference]]:
+    """Per budget, every other method's paired difference with the method ``against`` (a baseline such as DPO):
+    the same resamples as the values, so what the two share cancels (as in :func:`verdicts`)."""
+    if against not in boot.methods:
+        raise ValueError(f"{against!r} is not one of the methods ({', '.join(boot.methods)})")
+    i_ref = boot.methods.index(against)
+    out = []
+    for j, budget in enumerate(boot.budgets):
+        ref = boot.estimate[against][j].value
+        row = []
+        for i, method in enumerate(boot.methods):
+            if method == against:
+                continue
+            value = boot.estimate[method][j].value
+            ci = interval(boot.samples[:, i, j] - boot.samples[:, i_ref, j], level)
+            estimate = None if value is None or ref is None else value - ref
+            row.append(Difference(method, budget, estimate, *(ci if ci and estimate is not None else (None, None))))
+        out.append(row)
     return out

@@ -103,6 +103,9 @@ class SweepConfig:
                                   "batch_size, temperature, ...)")
     # ---- statistics
     budgets: list[float] = option([1.0, 3.0, 10.0], "KL budgets at which methods are compared", unit="nats")
+    compare_to: str | None = option(None, "a method (curve) every other method is compared with at each budget: "
+                                    "the paired bootstrap CI of value(method) - value(compare_to); none: no such "
+                                    "table")
     bootstrap: int = option(1000, "paired bootstrap resamples (seeds and prompts) for the confidence intervals")
     # ---- execution
     jobs: int = option(1, "worker processes running points in parallel")
@@ -461,6 +464,9 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) ->
                                         strength=strength, strength_label=axis_label(strength) or "default",
                                         seed=seed, key=key, train=train_cfg, eval=eval_cfg,
                                         keep_policy=cfg.keep_policies))
+    if cfg.compare_to is not None and cfg.compare_to not in {p.method for p in points[1:]}:
+        raise ConfigError(f"compare_to is {cfg.compare_to!r}; the methods are "
+                          f"{', '.join(dict.fromkeys(p.method for p in points[1:]))}")
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
         raise ConfigError("two points get the same name; give the methods names that differ after "

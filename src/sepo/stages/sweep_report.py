@@ -121,8 +121,13 @@ def matched_kl(cfg, reference: tuple[dict, list[dict]], trained: list[tuple[dict
     verdicts = [{"budget": v.budget, "best": v.best, "significant": v.significant, "tied": v.tied,
                  "differences": {k: list(ci) for k, ci in v.differences.items()}, "text": v.text}
                 for v in frontier.verdicts(boot)]
-    return {"methods": methods, "verdicts": verdicts, "num_prompts": boot.num_prompts, "seeds": boot.seeds,
-            "resamples": cfg.bootstrap}
+    out = {"methods": methods, "verdicts": verdicts, "num_prompts": boot.num_prompts, "seeds": boot.seeds,
+           "resamples": cfg.bootstrap}
+    if cfg.compare_to is not None and cfg.compare_to in boot.methods:
+        out["versus"] = {"method": cfg.compare_to, "budgets": {
+            f"{b:g}": {d.method: {"value": d.value, "low": d.low, "high": d.high, "sign": d.sign} for d in row}
+            for b, row in zip(boot.budgets, frontier.differences_from(boot, cfg.compare_to))}}
+    return out
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -167,6 +172,7 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         lines += ["", "| budget | verdict |", "|---|---|"]
         lines += [f"| KL ≤ {v['budget']:g} | {v['text']} |" for v in fr["verdicts"]]
         lines.append("")
+        lines += _versus_table(fr, budgets)
     lines += ["## Points (means over seeds)", "",
               "| method | strength | seeds | tokens trained | " + " | ".join(t for _, t in TABLE) + " |",
               "|---" * (len(TABLE) + 4) + "|"]
@@ -184,6 +190,30 @@ def markdown(summary: dict, rows: list[dict]) -> str:
     lines += _samples(summary, rows)
     lines.append(f"{summary['num_points']} points; finished in {summary['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _versus_table(fr: dict, budgets: list) -> list[str]:
+    """value(method) - value(compare_to) per budget with its paired 95% CI, and which side of 0 it lies on."""
+    versus = fr.get("versus")
+    if not versus:
+        return []
+    against = versus["method"]
+    words = {1: " higher", -1: " lower", 0: ""}
+    lines = [f"### Against {against}", "",
+             f"Each method's value minus {against}'s at the same budget, with the 95% CI of the paired difference "
+             f"(the same resamples for both; higher / lower: the CI excludes 0).", "",
+             "| method | " + " | ".join(f"KL ≤ {b:g}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    methods = list(dict.fromkeys(m for b in versus["budgets"].values() for m in b))
+    for method in methods:
+        cells = []
+        for b in budgets:
+            d = versus["budgets"].get(f"{b:g}", {}).get(method)
+            if d is None or d["value"] is None:
+                cells.append("–")
+            else:
+                cells.append(f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{words[d['sign']]}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _selection_tables(summary: dict) -> list[str]:
@@ -244,17 +274,20 @@ def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fr = summary["frontier"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    many = len(fr["methods"]) > 8  # the legend moves beside the axes
+    fig, ax = plt.subplots(figsize=(10, 5.5) if many else (7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, m) in enumerate(fr["methods"].items()):
-        color = colors[i % len(colors)]
+        # past the colour cycle, another line style and marker tell methods of the same colour apart
+        color, cycle = colors[i % len(colors)], i // len(colors) % 4
+        marker, style = "os^D"[cycle], ("-", "--", "-.", ":")[cycle]
         seeds = [(max(r["kl"], 0.0), r["reward"]) for r in rows
                  if r["method"] == method and r.get("status") == "ok" and r.get("kl") is not None]
         if seeds:
-            ax.scatter(*zip(*seeds), s=12, alpha=0.35, color=color)
+            ax.scatter(*zip(*seeds), s=12, alpha=0.35, color=color, marker=marker)
         ax.scatter(*zip(*[(max(k, 0.0), r) for k, r in m["strength_points"]]), s=36, color=color, edgecolors="black",
-                   linewidths=0.5)
-        ax.plot(*_linear_in_kl(m["front"]), color=color, lw=1.6, label=method)
+                   linewidths=0.5, marker=marker)
+        ax.plot(*_linear_in_kl(m["front"]), color=color, lw=1.6, ls=style, marker=None, label=method)
     ax.scatter([0.0], [summary["reference"]["reward"]], marker="*", s=160, color="black", zorder=5,
                label="reference (KL 0)")
     for b in summary["budgets"]:
@@ -264,7 +297,10 @@ def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
     ax.set(xlabel="KL(π‖π_ref) on the policy's samples (nats; symlog)", ylabel="reward (mean over held-out prompts)",
            title="reward–KL frontier: seeds (small), strength means (ringed), Pareto fronts (lines)")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="best")
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
