@@ -42,7 +42,7 @@ def one_job(tmp_path_factory):
     from sepo.stages.sweep import execute
 
     out = tmp_path_factory.mktemp("sweep") / "jobs1"
-    return out, execute(tiny(out, jobs=1, contrasts=["sepo_random - dpo"]))
+    return out, execute(tiny(out, jobs=1, contrasts=["* - dpo"]))
 
 
 @pytest.mark.slow
@@ -259,6 +259,8 @@ def test_plan_takes_axes_written_on_the_command_line(tmp_path):
     ({"task_options": {"temperature_x": 1}}, "not an option of task sentiment"),
     ({"data": "somewhere"}, "exactly one of task"),
     ({"budgets": [0, 1]}, "budgets"),
+    ({"contrasts": ["* - dpoo"]}, "'dpoo' is not a method of this sweep"),
+    ({"contrasts": ["* - *"]}, "at most one side"),
 ])
 def test_plan_errors_are_clear(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -156,3 +156,11 @@ def test_nested_bootstrap_of_one_group_is_the_bootstrap_of_its_mean():
     assert (low, high) == pytest.approx((0.402, 0.598), abs=0.015)
     with pytest.raises(ValueError, match="finite"):
         nested_bootstrap_mean([values, np.array([np.nan])])
+
+
+def test_a_starred_contrast_stands_for_every_other_method_against_the_named_one():
+    from sepo.stages.sweep import expand_contrasts
+
+    curves = ["dpo", "simpo", "sepo"]
+    assert expand_contrasts(["* - dpo"], curves) == ["simpo - dpo", "sepo - dpo"]
+    assert expand_contrasts(["sepo - *", "sepo - dpo"], curves) == ["sepo - dpo", "sepo - simpo"]

@@ -106,7 +106,8 @@ class SweepConfig:
     budgets: list[float] = option([1.0, 3.0, 10.0], "KL budgets at which methods are compared", unit="nats")
     bootstrap: int = option(1000, "paired bootstrap resamples (seeds and prompts) for the confidence intervals")
     contrasts: list[str] = option([], "method pairs 'A - B' whose paired difference at each budget summary.md "
-                                  "tabulates, with its CI (summary.json holds every pair's)")
+                                  "tabulates, with its CI (summary.json holds every pair's); '* - B': every "
+                                  "method against B")
     # ---- execution
     jobs: int = option(1, "worker processes running points in parallel")
     threads: int | None = option(None, "torch threads of each worker (and of the shared stages); none: CPU cores "
@@ -464,10 +465,9 @@ def plan(cfg: SweepConfig, out: Path, *, num_eval_prompts: int | None = None) ->
                                         strength=strength, strength_label=axis_label(strength) or "default",
                                         seed=seed, key=key, train=train_cfg, eval=eval_cfg,
                                         keep_policy=cfg.keep_policies))
-    curves = {p.method for p in points}
-    for contrast in cfg.contrasts:
-        a, b = parse_contrast(contrast)
-        unknown = [m for m in (a, b) if m not in curves]
+    curves = list(dict.fromkeys(p.method for p in points[1:]))
+    for contrast in expand_contrasts(cfg.contrasts, curves):
+        unknown = [m for m in parse_contrast(contrast) if m not in curves]
         if unknown:
             raise ConfigError(f"contrasts: {unknown[0]!r} is not a method of this sweep (its curves: "
                               f"{', '.join(sorted(curves))})")
@@ -490,6 +490,23 @@ def parse_contrast(text: str) -> tuple[str, str]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"contrasts: {text!r} must read 'A - B' (two method names, ' - ' between them)")
     return parts[0], parts[1]
+
+
+def expand_contrasts(texts: list[str], curves: list[str]) -> list[str]:
+    """The contrasts as written, with '* - B' (or 'A - *') standing for one contrast per other curve -- every
+    method against a baseline -- in the sweep's order, without repeats."""
+    out = []
+    for text in texts:
+        a, b = parse_contrast(text)
+        if a == "*" and b == "*":
+            raise ConfigError(f"contrasts: {text!r}: at most one side may be '*'")
+        if a == "*":
+            out += [f"{m} - {b}" for m in curves if m != b]
+        elif b == "*":
+            out += [f"{a} - {m}" for m in curves if m != a]
+        else:
+            out.append(f"{a} - {b}")
+    return list(dict.fromkeys(out))
 
 
 def resolved_threads(cfg: SweepConfig) -> int:

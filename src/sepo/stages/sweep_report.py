@@ -248,7 +248,9 @@ def markdown(summary: dict, rows: list[dict], contrasts: list[str] | None = None
 
 def _contrast_table(fr: dict, budgets: list[float], contrasts: list[str]) -> list[str]:
     """The configured contrasts: each paired difference at each budget, with its 95% CI."""
-    rows = [(text, contrast(fr, text)) for text in contrasts]
+    from sepo.stages.sweep import expand_contrasts
+
+    rows = [(text, contrast(fr, text)) for text in expand_contrasts(contrasts, list(fr["methods"]))]
     rows = [(text, d) for text, d in rows if d is not None]
     if not rows:
         return []
@@ -346,17 +348,20 @@ def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fr = summary["frontier"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    many = len(fr["methods"]) > 8  # the legend moves beside the axes
+    fig, ax = plt.subplots(figsize=(10, 5.5) if many else (7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, m) in enumerate(fr["methods"].items()):
-        color = colors[i % len(colors)]
+        # past the colour cycle, another line style and marker tell methods of the same colour apart
+        color, cycle = colors[i % len(colors)], i // len(colors) % 4
+        marker, style = "os^D"[cycle], ("-", "--", "-.", ":")[cycle]
         seeds = [(max(r["kl"], 0.0), r["reward"]) for r in rows
                  if r["method"] == method and r.get("status") == "ok" and r.get("kl") is not None]
         if seeds:
-            ax.scatter(*zip(*seeds), s=12, alpha=0.35, color=color)
+            ax.scatter(*zip(*seeds), s=12, alpha=0.35, color=color, marker=marker)
         ax.scatter(*zip(*[(max(k, 0.0), r) for k, r in m["strength_points"]]), s=36, color=color, edgecolors="black",
-                   linewidths=0.5)
-        ax.plot(*_linear_in_kl(m["front"]), color=color, lw=1.6, label=method)
+                   linewidths=0.5, marker=marker)
+        ax.plot(*_linear_in_kl(m["front"]), color=color, lw=1.6, ls=style, marker=None, label=method)
     ax.scatter([0.0], [summary["reference"]["reward"]], marker="*", s=160, color="black", zorder=5,
                label="reference (KL 0)")
     for b in summary["budgets"]:
@@ -366,7 +371,10 @@ def frontier_plot(path: Path, rows: list[dict], summary: dict) -> None:
     ax.set(xlabel="KL(π‖π_ref) on the policy's samples (nats; symlog)", ylabel="reward (mean over held-out prompts)",
            title="reward–KL frontier: seeds (small), strength means (ringed), Pareto fronts (lines)")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8, loc="best")
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
