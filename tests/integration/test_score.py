@@ -211,6 +211,23 @@ def test_pairs_longer_than_the_models_positions_are_refused_before_anything_is_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no output, no .partial work folder
 
 
+def test_token_ids_outside_the_models_vocabulary_are_refused_in_one_line(tmp_path, capsys, stories260k,
+                                                                         tiny_llama_stories):
+    """Pairs tokenized with a larger tokenizer (GPT-2 ids, up to 50256) scored with stories260K (512 tokens) used
+    to fail with a torch IndexError inside the embedding."""
+    tok = AutoTokenizer.from_pretrained(str(stories260k))
+    pairs = make_story_pairs_dataset(tok, n=3)
+    pairs = pairs.map(lambda row, i: {"chosen_input_ids": [*row["chosen_input_ids"][:-1], 50256] if i == 2 else
+                                      row["chosen_input_ids"]}, with_indices=True)
+    save_dataset(pairs, tmp_path / "pairs", {"stage": "data"})
+    rc = main(["score", "--oracle", "stories260k", "--reference", str(tiny_llama_stories), "--data",
+               str(tmp_path / "pairs"), "--output", str(tmp_path / "scores")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "token id 50256 in chosen_input_ids (dataset row 3 is the first) is outside the oracle" in err
+    assert "(512 tokens)" in err and "Traceback" not in err and "IndexError" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
 def test_scoring_a_selected_folder_again_drops_its_old_masks(tmp_path, monkeypatch, stories_pairs_dir, stories260k,
                                                             tiny_llama_stories):
     """Masks chosen from other rewards must not survive into a new scores folder; a local oracle given as a

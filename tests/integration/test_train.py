@@ -215,7 +215,14 @@ def test_bad_input_fails_clearly_and_writes_nothing(micro, toy, tmp_path):
                                                           "chosen_mask": r["chosen_mask"] * limit} if i == 5 else {})
     with pytest.raises(SepoError, match=rf"1 pair\(s\) are longer than the policy .* can take \({limit} positions"):
         train.run(cfg(micro, long, tmp_path / "e"))
-    for name in "abcde":
+    # a token id past the policy's embedding (data from another tokenizer): refused up front, not an IndexError
+    vocab = AutoConfig.from_pretrained(str(micro)).vocab_size
+    alien = _variant(toy, tmp_path / "alien", lambda r, i: {"rejected_input_ids": [vocab + 7] + r["rejected_input_ids"][1:]}
+                     if i == 3 else {})
+    with pytest.raises(SepoError, match=rf"token id {vocab + 7} in rejected_input_ids \(dataset row 4 is the first\) "
+                                        rf"is outside the policy .*vocabulary \({vocab} tokens\)"):
+        train.run(cfg(micro, alien, tmp_path / "f"))
+    for name in "abcdef":
         assert not (tmp_path / name).exists(), f"a failed run left {name}/ behind"
 
     # --overwrite with a bad input must not have deleted the previous run first

@@ -335,3 +335,46 @@ def check_context_length(pairs, limit: int | None, role: str, name: str) -> None
                         f"longest is {int(lengths.max())} tokens, dataset row {int(over[0]) + 1} is the first). "
                         f"Prepare the data again with --max-length {limit} (or lower), or pass --max-length {limit} "
                         "when --data is a raw source")
+
+
+def vocabulary_size(config) -> int | None:
+    """Rows of the model's input embedding, from its config (a multimodal config keeps it in its text config)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+
+
+def check_token_ids(pairs, vocab: int | None, role: str, name: str, *, pad_token_id: int | None = None) -> None:
+    """Refuse token ids the model has no embedding for -- data tokenized with another tokenizer, or a pad token
+    added to the tokenizer without resizing the model -- which would otherwise fail as an index error deep in
+    the forward (or a device-side assert on a GPU). ``vocab``: ``vocabulary_size``; None: nothing checked."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if not vocab:
+        return
+    if pad_token_id is not None and pad_token_id >= vocab:
+        raise SepoError(f"the tokenizer's pad token id {pad_token_id} is outside the {role} {name}'s vocabulary "
+                        f"({vocab} tokens): set a pad token the model has (e.g. the eos token) or resize the model's "
+                        "embeddings to the tokenizer")
+    if len(pairs) == 0:
+        return
+    table = arrow_table(pairs)
+    for column in TOKEN_COLUMNS:
+        flat = pc.list_flatten(table.column(column))
+        if len(flat) == 0 or pc.max(flat).as_py() < vocab:
+            continue
+        longest = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+        ends = np.cumsum(longest)
+        first = int(np.flatnonzero(flat.to_numpy(zero_copy_only=False) >= vocab)[0])
+        row = int(np.searchsorted(ends, first, side="right"))
+        raise SepoError(f"token id {pc.max(flat).as_py()} in {column} (dataset row {row + 1} is the first) is outside "
+                        f"the {role} {name}'s vocabulary ({vocab} tokens): the data was tokenized with another "
+                        "tokenizer. Prepare it again with this model's tokenizer")
+
+
+def check_fits_model(pairs, config, role: str, name: str, *, pad_token_id: int | None = None) -> None:
+    """Every check of pairs against a model they are about to run through: positions and vocabulary."""
+    from sepo.models import context_limit
+
+    check_context_length(pairs, context_limit(config), role, name)
+    check_token_ids(pairs, vocabulary_size(config), role, name, pad_token_id=pad_token_id)

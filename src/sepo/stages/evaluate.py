@@ -146,8 +146,8 @@ def _setup_models(cfg: EvalConfig) -> _Models:
 
 
 def _setup_data(cfg: EvalConfig, models: _Models):
-    from sepo.data.load import check_context_length
-    from sepo.models import context_limit, shortest_context
+    from sepo.data.load import check_fits_model
+    from sepo.models import shortest_context
 
     pairs = load_eval_pairs(cfg.data, models.tokenizer, cfg.data_options,
                             shortest_context(model=cfg.model, reference=cfg.reference))
@@ -155,7 +155,7 @@ def _setup_data(cfg: EvalConfig, models: _Models):
         pairs = pairs.select(range(min(cfg.max_pairs, len(pairs))))
     for role, name, model in (("model", cfg.model, models.policy), ("reference", cfg.reference, models.reference)):
         if model is not None:
-            check_context_length(pairs, context_limit(model.config), role, name)
+            check_fits_model(pairs, model.config, role, name, pad_token_id=models.tokenizer.pad_token_id)
     return pairs
 
 

@@ -28,7 +28,7 @@ from sepo.core.logprobs import default_chunk_size
 from sepo.core.rewards import non_finite_rows, token_rewards
 from sepo.data.collate import collate_pairs, length_bucketed_batches
 from sepo.data.columns import INDEX, REWARD_COLUMNS, TOKEN_ALIGNED_COLUMNS, TOKEN_COLUMNS
-from sepo.data.load import check_context_length, recorded_name
+from sepo.data.load import check_fits_model, recorded_name
 from sepo.data.options import DataOptions
 from sepo.data.rows import list_lengths, pair_lengths, rows_of, unpad_rows
 from sepo.data.shared_prefix import with_shared_prefix
@@ -166,18 +166,18 @@ def _load_pairs(cfg: ScoreConfig, tokenizer, accelerator):
     return pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names]), data_metadata
 
 
-def _load_models(cfg: ScoreConfig, accelerator, pairs):
+def _load_models(cfg: ScoreConfig, accelerator, pairs, pad_token_id: int | None = None):
     """-> (oracle, reference, whether to pack pairs). Both models frozen on the device; pairs longer than either
     takes are refused (before the work folder exists: a refused input leaves nothing behind). With
     ``prefix_sharing`` both are probed now (a model that cannot share says so once): pairs are packed only when
     both can run them."""
-    from sepo.models import context_limit, load_causal_lm
+    from sepo.models import load_causal_lm
     from sepo.prefix_sharing import prefix_sharing_supported
 
     oracle = load_causal_lm(cfg.oracle, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     reference = load_causal_lm(cfg.reference, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     for role, name, model in (("oracle", cfg.oracle, oracle), ("reference", cfg.reference, reference)):
-        check_context_length(pairs, context_limit(model.config), role, name)
+        check_fits_model(pairs, model.config, role, name, pad_token_id=pad_token_id)
     sharing = cfg.prefix_sharing and all([prefix_sharing_supported(oracle), prefix_sharing_supported(reference)])
     return oracle, reference, sharing
 
@@ -278,7 +278,7 @@ def run(cfg: ScoreConfig):
     accelerator = make_accelerator()
     tokenizer = _load_tokenizer(cfg)
     pairs, data_metadata = _load_pairs(cfg, tokenizer, accelerator)
-    oracle, reference, sharing = _load_models(cfg, accelerator, pairs)
+    oracle, reference, sharing = _load_models(cfg, accelerator, pairs, tokenizer.pad_token_id)
     work = _prepare_work_folder(cfg, accelerator, pairs)
     _score_missing_rows(cfg, accelerator, work, pairs, oracle, reference, tokenizer.pad_token_id, sharing)
     if not accelerator.is_main_process:

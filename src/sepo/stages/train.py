@@ -415,10 +415,9 @@ def _load_data(cfg: TrainConfig, accelerator) -> TrainData:
     """Tokenizer and pairs, checked once: the data's tokenizer, masks, empty selections, lengths, the reference's
     vocabulary. Nothing has been written yet, so a refused input costs no previous run."""
     from sepo.data import load_pairs
-    from sepo.data.load import check_context_length
+    from sepo.data.load import check_fits_model
     from sepo.models import (
         check_same_vocabulary,
-        context_limit,
         load_model_config,
         load_tokenizer,
         shortest_context,
@@ -443,10 +442,10 @@ def _load_data(cfg: TrainConfig, accelerator) -> TrainData:
         td.check_pairs(eval_pairs, cfg.eval_data or cfg.data, needs_selection=selection, needs_token_rewards=rewards)
     if rewards:
         _check_scoring_beta(cfg, metadata)
-    limit = context_limit(load_model_config(cfg.model))
+    config = load_model_config(cfg.model)
     for part in (pairs, eval_pairs):
         if part is not None:
-            check_context_length(part, limit, "policy", cfg.model)
+            check_fits_model(part, config, "policy", cfg.model, pad_token_id=tokenizer.pad_token_id)
     if needs_reference(cfg.loss):
         check_same_vocabulary(load_tokenizer(cfg.reference or cfg.model), tokenizer, "reference", "policy")
     return TrainData(tokenizer, pairs, eval_pairs, metadata)
