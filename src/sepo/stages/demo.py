@@ -150,6 +150,8 @@ def sweep_config(cfg: DemoConfig):
                                     "batch_size": cfg.batch_size}}
     for name, spec in methods.items():
         spec["learning_rate"] = list(lrs[name])
+    # the demo's questions, answered with paired CIs: does the selection beat the baselines, and chance?
+    contrasts = ["sepo - dpo", "sepo - simpo", "sepo - sepo_random"] + (["sepo_weak - sepo"] if cfg.weak_to_strong else [])
     return from_dict(SweepConfig, {
         "output": cfg.output, "task": cfg.task, "task_options": cfg.task_options, "num_prompts": cfg.num_prompts,
         "eval_prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "label_noise": cfg.label_noise,
@@ -159,7 +161,7 @@ def sweep_config(cfg: DemoConfig):
         "select": {"chosen_ratio": cfg.ratio, "rejected_ratio": cfg.ratio}, "variants": variants,
         "methods": methods, "train": {"num_epochs": cfg.num_epochs, "batch_size": cfg.batch_size},
         "eval": {"batch_size": EVAL_BATCH}, "seeds": cfg.seeds, "seed": cfg.seed, "budgets": cfg.budgets,
-        "jobs": cfg.jobs, "threads": cfg.threads})
+        "contrasts": contrasts, "jobs": cfg.jobs, "threads": cfg.threads})
 
 
 @owns_output()

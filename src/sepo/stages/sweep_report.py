@@ -297,7 +297,8 @@ def _selection_tables(summary: dict) -> list[str]:
     if not summary.get("selection"):
         return []
     lines = ["## Selection quality (known key tokens)", ""]
-    names = {"oracle": "the oracle's selection", "random": "the random control (as many tokens per response)"}
+    names = {"oracle": "the oracle's selection", "random": "the random control (as many tokens per response; its precision and recall are the "
+             "random selection's, the AUROC column still ranks by the oracle's r)"}
     for variant, reports in summary["selection"].items():
         for selection, report in reports.items():
             lines += [markdown_table(report, title=f"variant {variant}: {names[selection]}")]
@@ -317,7 +318,7 @@ def _samples(summary: dict, rows: list[dict]) -> list[str]:
         return []
     prompt = next(iter(firsts.values()))["samples"][0]["prompt"]
     lines = ["## Samples", "", f"First held-out prompt: “{prompt}” — the reference's sample, and each method's at "
-             "its highest-KL point (first seed):", ""]
+             "its run (strength and seed) with the highest KL:", ""]
     for method, r in firsts.items():
         text = r["samples"][0]["output"].replace("\n", " ").replace("|", "\\|")
         where = "" if method == "reference" else f" ({r['strength_label']}, seed {r['seed']}, KL {_f(r.get('kl'), 1)})"
