@@ -265,3 +265,18 @@ def test_plan_takes_axes_written_on_the_command_line(tmp_path):
 def test_plan_errors_are_clear(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         plan(tiny(tmp_path / "e", **changes), tmp_path / "e")
+
+
+def test_a_selection_report_from_an_older_sepo_is_recomputed_on_resume(tmp_path):
+    """A variant folder whose selection_quality.json lacks the reward concentration (written before it existed)
+    is not current: the resumed sweep reruns the variant's job, which recomputes it from the stored selections."""
+    from types import SimpleNamespace
+
+    from sepo.stages.sweep_jobs import QUALITY_FILE, quality_is_current
+
+    variant = SimpleNamespace(folder=tmp_path)
+    assert not quality_is_current(variant)
+    (tmp_path / QUALITY_FILE).write_text(json.dumps({"variant": "oracle", "reports": {}}))
+    assert not quality_is_current(variant)
+    (tmp_path / QUALITY_FILE).write_text(json.dumps({"variant": "oracle", "reports": {}, "concentration": {}}))
+    assert quality_is_current(variant)

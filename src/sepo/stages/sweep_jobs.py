@@ -67,7 +67,7 @@ def jobs_of(plan) -> tuple[list[Job], int]:
     Variants run first (every point of theirs waits for them); a point that shares a reference cache with an
     earlier point waits for it, so one process computes the cache."""
     todo = [p for p in plan.points if not point_done(p)]
-    unjudged = [v for v in plan.variants.values() if v.task is not None and not (v.folder / QUALITY_FILE).is_file()]
+    unjudged = [v for v in plan.variants.values() if v.task is not None and not quality_is_current(v)]
     if not todo and not unjudged:
         return [], len(plan.points)
     jobs = [Job(f"variant {v.name}", run_variant, v, is_point=False) for v in plan.variants.values()]
@@ -205,6 +205,13 @@ def run_variant(variant) -> dict:
 
 
 QUALITY_FILE = "selection_quality.json"
+
+
+def quality_is_current(variant) -> bool:
+    """Whether the variant's QUALITY_FILE exists and holds what this version writes (a folder made by an older
+    sepo lacks the reward concentration; a resumed sweep recomputes it, from the stored selections)."""
+    path = variant.folder / QUALITY_FILE
+    return path.is_file() and "concentration" in json.loads(path.read_text(encoding="utf-8"))
 
 
 def selection_quality(variant) -> dict:
