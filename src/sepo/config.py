@@ -111,6 +111,8 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         if origin is list or inner is list:
             (item_tp,) = typing.get_args(inner) or (str,)
+            if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+                value = yaml.safe_load(value)  # `seeds=[0,1]` as YAML and the sweep's axes write it
             if isinstance(value, str):
                 value = [v for v in (p.strip() for p in value.split(",")) if v] if value.strip() else []
             if not isinstance(value, (list, tuple)):

@@ -77,7 +77,7 @@ def test_every_task_plugs_into_the_demo_with_its_own_sizes(task, quick, tmp_path
     """`sepo demo --task NAME [--quick]`: the task's own sizes and learning rates, its own output folder, every
     point's config built; noisy_chosen's oracles (the strong one and the weak one, with its SFT) train on the
     clean pairs of its oracle_options while every method trains on the noisy ones."""
-    from sepo.stages.demo import TASK_LEARNING_RATES, TASK_SIZES, DemoConfig, sweep_config
+    from sepo.stages.demo import QUICK_LR_SCALE, TASK_LEARNING_RATES, TASK_SIZES, DemoConfig, sweep_config
     from sepo.stages.sweep import plan
 
     monkeypatch.chdir(tmp_path)
@@ -86,7 +86,8 @@ def test_every_task_plugs_into_the_demo_with_its_own_sizes(task, quick, tmp_path
     assert {k: getattr(cfg, k) for k in sizes} == sizes
     assert cfg.output == ("runs/demo-quick-" if quick else "runs/demo-") + task
     lrs = TASK_LEARNING_RATES[task]
-    assert cfg.learning_rates == ({m: [v[0], v[-1]] for m, v in lrs.items()} if quick else lrs)
+    scale = QUICK_LR_SCALE.get(task, 1.0)  # --quick: the lowest and highest rates, scaled for its fewer pairs
+    assert cfg.learning_rates == ({m: [v[0] * scale, v[-1] * scale] for m, v in lrs.items()} if quick else lrs)
     p = plan(sweep_config(cfg), tmp_path / cfg.output)
     assert {pt.method for pt in p.points} == {"reference", *METHODS}
     assert {pt.eval.max_new_tokens for pt in p.points} == {sizes["max_new_tokens"]}

@@ -98,6 +98,16 @@ def test_list_and_bool_conversions():
     assert from_dict(Toy, {"steps": 4.0}).steps == 4
 
 
+def test_a_list_written_in_brackets_on_the_command_line_is_a_list():
+    """`seeds=[0,1]` / `budgets=[1,3,6]`: brackets as in YAML (and as the sweep's axes are written), not a
+    one-element list holding the string '[0'."""
+    from sepo.stages.sweep import SweepConfig
+
+    cfg = parse_cli(SweepConfig, ["task=sentiment", "seeds=[0, 1]", "budgets=[1,3,6]", "contrasts=[a - b]"], "sepo sweep")
+    assert cfg.seeds == [0, 1] and cfg.budgets == [1.0, 3.0, 6.0] and cfg.contrasts == ["a - b"]
+    assert parse_cli(SweepConfig, ["task=sentiment", "seeds=0,2"], "sepo sweep").seeds == [0, 2]
+
+
 def test_reference_documents_every_field():
     md = reference_markdown(Toy, "Toy")
     for key in ("`beta`", "`steps`", "`train.learning_rate`", "`data_options.max_length`", "steps |", "One of: `a`, `b`"):
