@@ -122,4 +122,4 @@ def test_claim_sweeps_cover_every_task_with_three_seeds_and_each_claims_contrast
         assert ks | {cfg.select["chosen_ratio"]} == {0.1, 0.3, 0.5, 1.0}
         assert {"sepo - dpo", "sepo - simpo", "sepo - sepo_random", "sepo_weak - dpo", "sepo_k10 - sepo"} <= \
             set(cfg.contrasts)
-        assert (cfg.jobs, cfg.threads) == (1, 1)
+        assert (cfg.jobs, cfg.threads) == (2, 1)  # both cores of the 2-core machine the run time was measured on
