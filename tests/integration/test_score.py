@@ -194,18 +194,24 @@ def test_two_processes_shard_the_rows_and_the_main_process_merges(tmp_path, stor
             assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
 
 
+def _score_edited_pairs(tmp_path, capsys, stories260k, reference, column: str, row: int, edit) -> tuple[int, str]:
+    """`sepo score` (oracle stories260K) on three story pairs whose ``column`` of row ``row`` (0-based) is
+    ``edit``-ed: -> (exit code, stderr)."""
+    tok = AutoTokenizer.from_pretrained(str(stories260k))
+    pairs = make_story_pairs_dataset(tok, n=3)
+    pairs = pairs.map(lambda r, i: {column: edit(r[column]) if i == row else r[column]}, with_indices=True)
+    save_dataset(pairs, tmp_path / "pairs", {"stage": "data"})
+    rc = main(["score", "--oracle", "stories260k", "--reference", str(reference), "--data",
+               str(tmp_path / "pairs"), "--output", str(tmp_path / "scores")])
+    return rc, capsys.readouterr().err
+
+
 def test_pairs_longer_than_the_models_positions_are_refused_before_anything_is_written(tmp_path, capsys, stories260k,
                                                                                       tiny_llama_stories):
     """stories260k has 512 positions; the data layer's default max_length is 1024. Scoring such a pair used to
     read log-probs at positions the model never saw (or fail deep in the forward for learned positions)."""
-    tok = AutoTokenizer.from_pretrained(str(stories260k))
-    pairs = make_story_pairs_dataset(tok, n=3)
-    pairs = pairs.map(lambda row, i: {"prompt_input_ids": row["prompt_input_ids"] * 60 if i == 1 else
-                                      row["prompt_input_ids"]}, with_indices=True)
-    save_dataset(pairs, tmp_path / "pairs", {"stage": "data"})
-    rc = main(["score", "--oracle", "stories260k", "--reference", str(tiny_llama_stories), "--data",
-               str(tmp_path / "pairs"), "--output", str(tmp_path / "scores")])
-    err = capsys.readouterr().err
+    rc, err = _score_edited_pairs(tmp_path, capsys, stories260k, tiny_llama_stories, "prompt_input_ids", 1,
+                                  lambda ids: ids * 60)
     assert rc == 2 and "1 pair(s) are longer than the oracle stories260k can take (512 positions" in err
     assert "dataset row 2 is the first" in err and "--max-length 512" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]  # no output, no .partial work folder
@@ -215,14 +221,8 @@ def test_token_ids_outside_the_models_vocabulary_are_refused_in_one_line(tmp_pat
                                                                          tiny_llama_stories):
     """Pairs tokenized with a larger tokenizer (GPT-2 ids, up to 50256) scored with stories260K (512 tokens) used
     to fail with a torch IndexError inside the embedding."""
-    tok = AutoTokenizer.from_pretrained(str(stories260k))
-    pairs = make_story_pairs_dataset(tok, n=3)
-    pairs = pairs.map(lambda row, i: {"chosen_input_ids": [*row["chosen_input_ids"][:-1], 50256] if i == 2 else
-                                      row["chosen_input_ids"]}, with_indices=True)
-    save_dataset(pairs, tmp_path / "pairs", {"stage": "data"})
-    rc = main(["score", "--oracle", "stories260k", "--reference", str(tiny_llama_stories), "--data",
-               str(tmp_path / "pairs"), "--output", str(tmp_path / "scores")])
-    err = capsys.readouterr().err
+    rc, err = _score_edited_pairs(tmp_path, capsys, stories260k, tiny_llama_stories, "chosen_input_ids", 2,
+                                  lambda ids: [*ids[:-1], 50256])
     assert rc == 2 and "token id 50256 in chosen_input_ids (dataset row 3 is the first) is outside the oracle" in err
     assert "(512 tokens)" in err and "Traceback" not in err and "IndexError" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]

@@ -347,8 +347,9 @@ def check_token_ids(pairs, vocab: int | None, role: str, name: str, *, pad_token
     """Refuse token ids the model has no embedding for -- data tokenized with another tokenizer, or a pad token
     added to the tokenizer without resizing the model -- which would otherwise fail as an index error deep in
     the forward (or a device-side assert on a GPU). ``vocab``: ``vocabulary_size``; None: nothing checked."""
-    import numpy as np
-    import pyarrow.compute as pc
+    import torch
+
+    from sepo.io import flat_column
 
     if not vocab:
         return
@@ -360,16 +361,13 @@ def check_token_ids(pairs, vocab: int | None, role: str, name: str, *, pad_token
         return
     table = arrow_table(pairs)
     for column in TOKEN_COLUMNS:
-        flat = pc.list_flatten(table.column(column))
-        if len(flat) == 0 or pc.max(flat).as_py() < vocab:
-            continue
-        longest = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
-        ends = np.cumsum(longest)
-        first = int(np.flatnonzero(flat.to_numpy(zero_copy_only=False) >= vocab)[0])
-        row = int(np.searchsorted(ends, first, side="right"))
-        raise SepoError(f"token id {pc.max(flat).as_py()} in {column} (dataset row {row + 1} is the first) is outside "
-                        f"the {role} {name}'s vocabulary ({vocab} tokens): the data was tokenized with another "
-                        "tokenizer. Prepare it again with this model's tokenizer")
+        ids, lengths = flat_column(table, column)  # (total,), (rows,)
+        outside = (ids >= vocab).nonzero()
+        if len(outside):
+            row = int(torch.searchsorted(lengths.cumsum(0), outside[0, 0], right=True))
+            raise SepoError(f"token id {int(ids.max())} in {column} (dataset row {row + 1} is the first) is outside "
+                            f"the {role} {name}'s vocabulary ({vocab} tokens): the data was tokenized with another "
+                            "tokenizer. Prepare it again with this model's tokenizer")
 
 
 def check_fits_model(pairs, config, role: str, name: str, *, pad_token_id: int | None = None) -> None:

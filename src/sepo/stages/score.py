@@ -166,9 +166,9 @@ def _load_pairs(cfg: ScoreConfig, tokenizer, accelerator):
     return pairs.remove_columns([c for c in TOKEN_ALIGNED_COLUMNS if c in pairs.column_names]), data_metadata
 
 
-def _load_models(cfg: ScoreConfig, accelerator, pairs, pad_token_id: int | None = None):
+def _load_models(cfg: ScoreConfig, accelerator, pairs, pad_token_id: int | None):
     """-> (oracle, reference, whether to pack pairs). Both models frozen on the device; pairs longer than either
-    takes are refused (before the work folder exists: a refused input leaves nothing behind). With
+    takes, or holding ids (or a pad id) outside either's vocabulary, are refused (before the work folder exists: a refused input leaves nothing behind). With
     ``prefix_sharing`` both are probed now (a model that cannot share says so once): pairs are packed only when
     both can run them."""
     from sepo.models import load_causal_lm

@@ -207,11 +207,16 @@ def run_variant(variant) -> dict:
 QUALITY_FILE = "selection_quality.json"
 
 
-def quality_is_current(variant) -> bool:
-    """Whether the variant's QUALITY_FILE exists and holds what this version writes (a folder made by an older
-    sepo lacks the reward concentration; a resumed sweep recomputes it, from the stored selections)."""
+def stored_quality(variant) -> dict | None:
+    """The variant's QUALITY_FILE when it holds what this version writes (one made by an older sepo lacks the
+    reward concentration: a resumed sweep recomputes it from the stored selections); else None."""
     path = variant.folder / QUALITY_FILE
-    return path.is_file() and "concentration" in json.loads(path.read_text(encoding="utf-8"))
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return stored if stored is not None and "concentration" in stored else None
+
+
+def quality_is_current(variant) -> bool:
+    return stored_quality(variant) is not None
 
 
 def selection_quality(variant) -> dict:
@@ -228,11 +233,9 @@ def selection_quality(variant) -> dict:
 
     made_from = {name: json.loads((variant.folder / f"{name}.done.json").read_text())["fingerprint"]
                  for name in ("selected", "selected-random") if (variant.folder / f"{name}.done.json").is_file()}
-    path = variant.folder / QUALITY_FILE
-    if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("made_from") == made_from and "concentration" in stored:
-            return stored
+    stored = stored_quality(variant)
+    if stored is not None and stored.get("made_from") == made_from:
+        return stored
     task = get_task(variant.task)
     tokenizer = load_tokenizer(variant.tokenizer)
     reports = {}
@@ -243,7 +246,7 @@ def selection_quality(variant) -> dict:
     concentration = concentration_summary(load_dataset_dir(variant.folder / "selected", ("chosen_rewards",))[0])
     out = {"variant": variant.name, "task": variant.task, "made_from": made_from, "reports": reports,
            "concentration": concentration}
-    atomic_write_json(path, out)
+    atomic_write_json(variant.folder / QUALITY_FILE, out)
     return out
 
 

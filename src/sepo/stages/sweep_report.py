@@ -297,8 +297,9 @@ def _selection_tables(summary: dict) -> list[str]:
     if not summary.get("selection"):
         return []
     lines = ["## Selection quality (known key tokens)", ""]
-    names = {"oracle": "the oracle's selection", "random": "the random control (as many tokens per response; its precision and recall are the "
-             "random selection's, the AUROC column still ranks by the oracle's r)"}
+    names = {"oracle": "the oracle's selection",
+             "random": "the random control (as many tokens per response; its precision and recall are the random "
+                       "selection's, the AUROC column still ranks by the oracle's r)"}
     for variant, reports in summary["selection"].items():
         for selection, report in reports.items():
             lines += [markdown_table(report, title=f"variant {variant}: {names[selection]}")]
